@@ -1,0 +1,167 @@
+"""Command line: `python -m trainer train|resume|sample|tiny-model|demo-dataset|presets`.
+
+Errors a user caused end with a one-line message and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import LoraLabError
+
+
+def _progress():
+    from tqdm import tqdm
+
+    bar = {"bar": None}
+
+    def on_event(e):
+        if e.kind == "step":
+            if bar["bar"] is None:
+                bar["bar"] = tqdm(total=e.data["total"], initial=e.data["step"] - 1, unit="step", dynamic_ncols=True)
+            b = bar["bar"]
+            b.update(e.data["step"] - b.n)
+            b.set_postfix(loss=f"{e.data['loss']:.4f}", lr=f"{e.data['lr']:.2e}")
+        elif e.kind == "log":
+            (bar["bar"].write if bar["bar"] else print)(e.data["line"])
+        elif e.kind == "sample":
+            (bar["bar"].write if bar["bar"] else print)(f"sample: {e.data['path']}")
+        elif e.kind == "status" and e.data.get("state") in ("completed", "stopped", "failed"):
+            if bar["bar"]:
+                bar["bar"].close()
+    return on_event
+
+
+def cmd_train(a) -> int:
+    from .config import resolve
+    from .loop import run_job
+
+    cfg = resolve(a.preset, Path(a.config) if a.config else None, a.set)
+    run = run_job(cfg, Path(a.workspace), _progress())
+    return _report(run)
+
+
+def cmd_resume(a) -> int:
+    from .config import load
+    from .loop import run_job
+    from .runs import open_run
+
+    run = open_run(Path(a.run_dir))
+    cfg = load(run.config_path)
+    run = run_job(cfg, run.path.parent.parent, _progress(), run=run)
+    return _report(run)
+
+
+def _report(run) -> int:
+    st = run.status()
+    if st.get("state") == "completed":
+        print(f"done: {run.path / st['lora']}")
+        return 0
+    print(f"{st.get('state')}: step {st.get('step')} of {st.get('total_steps')} — resume with "
+          f"`python -m trainer resume {run.path}`")
+    return 0 if st.get("state") == "stopped" else 1
+
+
+def cmd_sample(a) -> int:
+    from .models.load import load_base
+    from .sampling import generate
+
+    loras = []
+    for spec in a.lora or []:
+        path, _, strength = spec.rpartition(":") if spec.count(":") and spec.rsplit(":", 1)[1].replace(".", "", 1).lstrip("-").isdigit() else (spec, "", "1")
+        loras.append((Path(path), float(strength)))
+    model = load_base(a.base, allow_pickle=a.allow_pickle)
+    images = generate(model, a.prompt, seed=a.seed, steps=a.steps, guidance_scale=a.guidance, width=a.width,
+                      height=a.height, negative_prompt=a.negative, loras=loras, device=_device())
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        path = out / f"sample_{a.seed}_{i:02d}.png"
+        img.save(path)
+        print(path)
+    return 0
+
+
+def _device():
+    from .prepare import pick_device
+
+    return pick_device("auto")
+
+
+def cmd_tiny(a) -> int:
+    from .models.tiny import save_tiny
+
+    kind = "tiny-demo-xl" if a.family == "sdxl" else "tiny-demo"
+    print(save_tiny(Path(a.out_dir), kind))
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .data.demo import make_demo_dataset
+
+    print(make_demo_dataset(Path(a.out_dir), count=a.count))
+    return 0
+
+
+def cmd_presets(a) -> int:
+    from .config import list_presets
+
+    for name, desc in list_presets().items():
+        print(f"{name:20s} {desc}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer", description="LoRA Lab training engine")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a LoRA from a config")
+    t.add_argument("--config", help="YAML config file")
+    t.add_argument("--preset", help="a preset name from presets/ (applied first)")
+    t.add_argument("--workspace", default=os.environ.get("LORA_LAB_WORKSPACE", "workspace"))
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    t.set_defaults(fn=cmd_train)
+    r = sub.add_parser("resume", help="continue a stopped, failed or interrupted run")
+    r.add_argument("run_dir")
+    r.set_defaults(fn=cmd_resume)
+    s = sub.add_parser("sample", help="generate images with a base model and LoRAs")
+    s.add_argument("--base", required=True)
+    s.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]")
+    s.add_argument("--prompt", action="append", required=True)
+    s.add_argument("--negative", default="")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--guidance", type=float, default=7.0)
+    s.add_argument("--width", type=int, default=0)
+    s.add_argument("--height", type=int, default=0)
+    s.add_argument("--allow-pickle", action="store_true")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_sample)
+    m = sub.add_parser("tiny-model", help="write a tiny random model folder")
+    m.add_argument("out_dir")
+    m.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
+    m.set_defaults(fn=cmd_tiny)
+    d = sub.add_parser("demo-dataset", help="write a small captioned image folder")
+    d.add_argument("out_dir")
+    d.add_argument("--count", type=int, default=8)
+    d.set_defaults(fn=cmd_demo)
+    pr = sub.add_parser("presets", help="list presets")
+    pr.set_defaults(fn=cmd_presets)
+    return p
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except LoraLabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

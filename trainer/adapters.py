@@ -1,0 +1,107 @@
+"""Adapters (LoRA, DoRA, LoHa, LoKr, OFT) put into the UNet and text encoders with peft."""
+from __future__ import annotations
+
+import torch
+
+from .errors import LoraLabError
+
+ADAPTER = "default"
+UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+UNET_FF = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+TE_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
+TE_FF = ("fc1", "fc2")
+# kohya's LoCon leaves these out: they are shared by every block and training them destabilises.
+UNET_SKIP = ("conv_in", "conv_out", "time_embedding", "add_embedding", "time_emb_proj")
+
+
+def target_modules(model: torch.nn.Module, targets: str, text_encoder: bool, algorithm: str) -> list[str]:
+    """Full names of the layers that get an adapter."""
+    attn, ff = (TE_ATTN, TE_FF) if text_encoder else (UNET_ATTN, UNET_FF)
+    wanted = attn + (ff if targets in ("attention_ff", "all") else ())
+    names = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        if any(name == w or name.endswith("." + w) for w in wanted):
+            names.append(name)
+        elif targets == "all" and not text_encoder and not any(s in name for s in UNET_SKIP):
+            names.append(name)
+    if algorithm == "oft":
+        # peft's OFT needs the block size to divide the layer's input width.
+        names = [n for n in names if _in_features(model.get_submodule(n)) % 2 == 0]
+    return names
+
+
+def _in_features(mod) -> int:
+    return mod.in_features if isinstance(mod, torch.nn.Linear) else mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
+
+
+def _oft_block(model, names, rank) -> int:
+    """The largest block size ≤ rank that divides every target's input width."""
+    widths = [_in_features(model.get_submodule(n)) for n in names]
+    for b in range(max(1, rank), 0, -1):
+        if all(w % b == 0 for w in widths):
+            return b
+    return 1
+
+
+def peft_config(algorithm: str, rank: int, alpha: float, dropout: float, names: list[str], model):
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
+
+    if algorithm in ("lora", "dora"):
+        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
+                          init_lora_weights="gaussian", use_dora=algorithm == "dora")
+    if algorithm == "loha":
+        return LoHaConfig(r=rank, alpha=alpha, module_dropout=dropout, target_modules=names)
+    if algorithm == "lokr":
+        return LoKrConfig(r=rank, alpha=alpha, module_dropout=dropout, target_modules=names)
+    if algorithm == "oft":
+        return OFTConfig(r=0, oft_block_size=_oft_block(model, names, rank), module_dropout=dropout,
+                         target_modules=names)
+    raise LoraLabError(f"network.algorithm {algorithm!r} is not known.", "Use lora, dora, loha, lokr or oft.")
+
+
+def add_adapter(model: torch.nn.Module, net, text_encoder: bool = False) -> list[str]:
+    """Inject the configured adapter into `model`; returns the targeted layer names."""
+    from peft import inject_adapter_in_model
+
+    names = target_modules(model, net.targets, text_encoder, net.algorithm)
+    if not names:
+        raise LoraLabError(f"No layers match network.targets={net.targets!r} in this model.",
+                           "Use attention, attention_ff or all.")
+    inject_adapter_in_model(peft_config(net.algorithm, net.rank, net.alpha, net.dropout, names, model), model,
+                            adapter_name=ADAPTER)
+    for n, p in model.named_parameters():
+        p.requires_grad_(_is_adapter_param(n))
+    return names
+
+
+def _is_adapter_param(name: str) -> bool:
+    return any(t in name for t in ("lora_", "hada_", "lokr_", "oft_R"))
+
+
+def adapter_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if _is_adapter_param(n)]
+
+
+def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER).items()}
+
+
+def load_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise LoraLabError(f"{len(unexpected)} saved adapter weights do not fit this model (e.g. {unexpected[0]}).",
+                           "The checkpoint was made with other network settings or another base model.")
+
+
+def adapter_layers(model: torch.nn.Module):
+    """(name, peft layer) for every layer holding an adapter."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]

@@ -1,0 +1,316 @@
+"""The one configuration object that describes a run, saved and loaded as YAML.
+
+The UI form, the CLI (`--config`, `--set`, `--preset`) and the presets all produce a `Config`.
+Each field's metadata holds what is allowed and a one-line hint, which the UI shows beside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LoraLabError
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+def opt(default, hint: str, choices=None, lo=None, hi=None):
+    meta = {"hint": hint, "choices": choices, "min": lo, "max": hi}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    base: str = opt("tiny-demo", "Base model: a diffusers folder, a .safetensors checkpoint, a hub id, "
+                    "or tiny-demo / tiny-demo-xl.")
+    family: str = opt("auto", "Model family; auto detects it from the weights.",
+                      choices=["auto", "sd15", "sd2", "sdxl"])
+    prediction_type: str = opt("auto", "What the model predicts; auto reads it from the model "
+                               "(SD 2.x 768 models use v_prediction).",
+                               choices=["auto", "epsilon", "v_prediction"])
+    allow_pickle: bool = opt(False, "Allow .ckpt/.pt/.bin pickle checkpoints, which can run code "
+                             "when loaded. Only for files you trust.")
+
+
+@dataclass
+class DatasetConfig:
+    source: str = opt("", "A local folder, a saved Hugging Face dataset, a parquet file, or a hub id.")
+    split: str = opt("train", "Split of a Hugging Face dataset.")
+    image_column: str = opt("image", "Image column of a Hugging Face dataset.")
+    caption_column: str = opt("text", "Caption column of a Hugging Face dataset.")
+    resolution: int = opt(512, "Training resolution in pixels (the side of a square of the same area).",
+                          lo=64, hi=4096)
+    resize: str = opt("crop", "How images are fitted to the resolution when bucketing is off.",
+                      choices=["none", "stretch", "crop", "pad"])
+    bucketing: bool = opt(True, "Group images by aspect ratio so nothing is cropped away.")
+    bucket_min_side: int = opt(256, "Smallest bucket side in pixels.", lo=16, hi=4096)
+    bucket_max_side: int = opt(1024, "Largest bucket side in pixels.", lo=16, hi=8192)
+    bucket_step: int = opt(64, "Bucket sides are multiples of this.", lo=8, hi=512)
+    repeats: int = opt(1, "How often each image is seen per epoch (kohya N_name folders multiply it).",
+                       lo=1, hi=10000)
+    caption_prefix: str = opt("", "Put first in every caption, e.g. your trigger word.")
+    caption_extension: str = opt(".txt", "Sidecar caption file extension.", choices=[".txt", ".caption"])
+    caption_dropout: float = opt(0.0, "Chance of training a step with an empty caption.", lo=0.0, hi=1.0)
+    shuffle_tags: bool = opt(False, "Shuffle comma-separated tags each step.")
+    keep_tokens: int = opt(0, "With shuffling, keep this many leading tags in place.", lo=0, hi=1000)
+    flip: bool = opt(False, "Randomly mirror images horizontally (not for asymmetric subjects).")
+    cache_latents: bool = opt(True, "Encode images once and keep the latents on disk.")
+    cache_text_embeddings: bool = opt(True, "Encode captions once when the text encoder is frozen.")
+
+
+@dataclass
+class NetworkConfig:
+    algorithm: str = opt("lora", "Adapter type.", choices=["lora", "dora", "loha", "lokr", "oft"])
+    rank: int = opt(16, "Adapter rank (dim): capacity and file size. 4-32 is usual.", lo=1, hi=1024)
+    alpha: float = opt(16.0, "Scales the adapter by alpha/rank; lower is gentler.", lo=0.0, hi=4096.0)
+    dropout: float = opt(0.0, "Dropout inside the adapter.", lo=0.0, hi=0.9)
+    targets: str = opt("attention", "Which layers get an adapter.",
+                       choices=["attention", "attention_ff", "all"])
+    train_text_encoder: bool = opt(False, "Also train the text encoder(s).")
+    text_encoder_lr: float = opt(0.0, "Text encoder learning rate; 0 uses the main one.", lo=0.0, hi=1.0)
+    init_from: str = opt("", "Continue from this LoRA file: its weights load and its step count carries on.")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(1000, "Optimizer steps to train.", lo=1, hi=10_000_000)
+    batch_size: int = opt(1, "Images per step.", lo=1, hi=1024)
+    gradient_accumulation: int = opt(1, "Micro-batches per optimizer step.", lo=1, hi=1024)
+    learning_rate: float = opt(1e-4, "Learning rate (Prodigy: use 1.0).", lo=0.0, hi=10.0)
+    optimizer: str = opt("adamw", "Optimizer.",
+                         choices=["adamw", "adamw8bit", "adam", "sgd", "rmsprop", "adafactor", "prodigy"])
+    weight_decay: float = opt(0.01, "Weight decay.", lo=0.0, hi=1.0)
+    lr_scheduler: str = opt("constant", "How the learning rate changes over the run.",
+                            choices=["constant", "constant_with_warmup", "linear", "cosine"])
+    warmup_steps: int = opt(0, "Steps of learning-rate warmup.", lo=0, hi=10_000_000)
+    loss: str = opt("mse", "Loss function.", choices=["mse", "l1", "huber", "smooth_l1"])
+    huber_delta: float = opt(0.1, "Delta of the Huber / smooth L1 losses.", lo=1e-6, hi=100.0)
+    min_snr_gamma: float = opt(0.0, "Min-SNR weighting gamma (5 is usual); 0 turns it off.", lo=0.0, hi=100.0)
+    noise_offset: float = opt(0.0, "Noise offset for darker darks and brighter brights (0.05 is usual).",
+                              lo=0.0, hi=1.0)
+    mixed_precision: str = opt("auto", "Number format: auto picks bf16 on a capable GPU, fp32 on the CPU.",
+                               choices=["auto", "bf16", "fp16", "fp32"])
+    gradient_checkpointing: bool = opt(False, "Recompute activations to save memory (slower).")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 turns clipping off.", lo=0.0, hi=1e6)
+    seed: int = opt(42, "Random seed; the same seed repeats a CPU run exactly.", lo=0, hi=2**31 - 1)
+    device: str = opt("auto", "auto, cpu, cuda, cuda:1, mps.")
+
+
+@dataclass
+class SaveConfig:
+    every_n_steps: int = opt(500, "Save a resumable checkpoint every N steps; 0 saves only at the end.",
+                             lo=0, hi=10_000_000)
+    keep_last: int = opt(3, "Checkpoints to keep.", lo=1, hi=1000)
+    precision: str = opt("fp16", "Number format of the exported LoRA file.", choices=["fp16", "bf16", "fp32"])
+
+
+@dataclass
+class SampleConfig:
+    every_n_steps: int = opt(0, "Make sample images every N steps; 0 only at the end (if prompts are set).",
+                             lo=0, hi=10_000_000)
+    prompts: list = opt([], "Prompts for sample images.")
+    negative_prompt: str = opt("", "Negative prompt for samples.")
+    seed: int = opt(1234, "Seed of sample images, so they are comparable across steps.", lo=0, hi=2**31 - 1)
+    steps: int = opt(20, "Denoising steps per sample.", lo=1, hi=200)
+    guidance_scale: float = opt(7.0, "Classifier-free guidance scale.", lo=0.0, hi=50.0)
+    width: int = opt(0, "Sample width; 0 uses the training resolution.", lo=0, hi=4096)
+    height: int = opt(0, "Sample height; 0 uses the training resolution.", lo=0, hi=4096)
+    scheduler: str = opt("euler_a", "Sampler.", choices=["euler_a", "euler", "ddim", "dpmpp_2m"])
+
+
+@dataclass
+class Config:
+    name: str = opt("lora", "Run name; also the name of the LoRA file.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def write(self, path: Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_yaml(), encoding="utf-8")
+        tmp.replace(path)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "name"}
+_SECTION_CLASSES = {"model": ModelConfig, "dataset": DatasetConfig, "network": NetworkConfig,
+                    "train": TrainConfig, "save": SaveConfig, "sample": SampleConfig}
+
+
+def field_specs(section: str) -> list[dataclasses.Field]:
+    """The fields of one section, for forms and documentation."""
+    return list(dataclasses.fields(_SECTION_CLASSES[section]))
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any):
+    kind = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float,
+                                                    "bool": bool, "list": list}[f.type]
+    meta = f.metadata
+    if kind is bool:
+        if isinstance(value, bool):
+            out = value
+        elif isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            out = value.lower() in ("true", "yes", "on", "1")
+        else:
+            raise LoraLabError(f"{key}: expected true or false, got {value!r}.")
+    elif kind is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise LoraLabError(f"{key}: expected a whole number, got {value!r}.")
+        out = int(value)
+    elif kind is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LoraLabError(f"{key}: expected a number, got {value!r}.")
+        out = float(value)
+        if out != out or out in (float("inf"), float("-inf")):
+            raise LoraLabError(f"{key}: expected a finite number, got {value!r}.")
+    elif kind is list:
+        if isinstance(value, str):
+            value = [line for line in value.splitlines() if line.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise LoraLabError(f"{key}: expected a list of text lines, got {value!r}.")
+        out = list(value)
+    else:
+        if value is None:
+            value = ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise LoraLabError(f"{key}: expected text, got {value!r}.")
+        out = str(value)
+    choices = meta.get("choices")
+    if choices and out not in choices:
+        raise LoraLabError(f"{key}: {out!r} is not allowed.", f"Use one of: {', '.join(map(str, choices))}.")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and out < lo or hi is not None and out > hi:
+        raise LoraLabError(f"{key}: {out!r} is out of range.", f"Allowed: {lo} to {hi}.")
+    return out
+
+
+def _unknown(key: str, known: list[str]) -> LoraLabError:
+    close = difflib.get_close_matches(key.split(".")[-1], known, n=1)
+    hint = f"Did you mean '{close[0]}'?" if close else f"Known keys: {', '.join(known)}."
+    return LoraLabError(f"Unknown config key '{key}'.", hint)
+
+
+def config_from_dict(data: dict | None) -> Config:
+    """Build a validated Config from nested plain data; unknown keys and bad values are refused."""
+    data = dict(data or {})
+    data.pop("description", None)  # presets carry one for the UI
+    cfg = Config()
+    if not isinstance(data, dict):
+        raise LoraLabError("A config must be a mapping of sections to settings.")
+    top = ["name", *SECTIONS]
+    for key, value in data.items():
+        if key == "name":
+            cfg.name = _coerce("name", dataclasses.fields(Config)[0], value)
+            continue
+        if key not in SECTIONS:
+            raise _unknown(key, top)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise LoraLabError(f"'{key}' must be a section of settings, got {value!r}.")
+        section = getattr(cfg, key)
+        fields = {f.name: f for f in dataclasses.fields(section)}
+        for sub, v in value.items():
+            if sub not in fields:
+                raise _unknown(f"{key}.{sub}", list(fields))
+            setattr(section, sub, _coerce(f"{key}.{sub}", fields[sub], v))
+    return cfg
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def parse_set(items: list[str]) -> dict:
+    """`--set section.key=value` items → nested dict; values are read as YAML scalars."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise LoraLabError(f"--set {item!r} has no '='.", "Write it as section.key=value, e.g. train.steps=500.")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        if parts == ["name"]:
+            out["name"] = str(value)
+        elif len(parts) == 2:
+            out.setdefault(parts[0], {})[parts[1]] = value
+        else:
+            raise LoraLabError(f"--set key {key!r} is not section.key.", "For example: train.learning_rate=1e-4.")
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LoraLabError(f"Config file {path} does not exist.", "Check the path.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LoraLabError(f"Config file {path} is not valid YAML: {e}".strip(), "Fix the file and try again.")
+    if not isinstance(data, dict):
+        raise LoraLabError(f"Config file {path} must hold a mapping of sections.")
+    return data
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name → its description."""
+    out = {}
+    for p in sorted(PRESETS_DIR.glob("*.yaml")):
+        out[p.stem] = str(read_yaml(p).get("description", ""))
+    return out
+
+
+def preset_dict(name: str) -> dict:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise LoraLabError(f"Unknown preset '{name}'.", f"Available: {', '.join(list_presets()) or 'none'}.")
+    return read_yaml(path)
+
+
+def resolve(preset: str | None = None, file: Path | None = None, sets: list[str] | None = None,
+            extra: dict | None = None) -> Config:
+    """Preset, then config file, then explicit values, then `--set` items, each over the last."""
+    data: dict = {}
+    if preset:
+        data = merge(data, preset_dict(preset))
+    if file:
+        data = merge(data, read_yaml(file))
+    if extra:
+        data = merge(data, extra)
+    data = merge(data, parse_set(sets or []))
+    return config_from_dict(data)
+
+
+def load(path: Path) -> Config:
+    return config_from_dict(read_yaml(path))
+
+

@@ -1,0 +1,144 @@
+"""Write the trained adapter as one .safetensors file that ComfyUI, AUTOMATIC1111/Forge and diffusers load.
+
+LoRA and DoRA use the kohya layout (`lora_unet_…`, `lora_te…`, `lora_down`/`lora_up`, `alpha`,
+`dora_scale`); LoHa and LoKr the LyCORIS layout (`hada_*`, `lokr_*`). We write keys ourselves
+rather than calling diffusers' `convert_state_dict_to_kohya`, which writes alpha = rank whatever
+alpha was trained and half-renames DoRA magnitudes.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .adapters import ADAPTER, adapter_layers
+
+BASE_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCH = {"sd15": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def te_prefixes(family: str, count: int) -> list[str]:
+    return ["lora_te1_", "lora_te2_"] if family == "sdxl" else ["lora_te_"][:count]
+
+
+def kohya_key(prefix: str, module_name: str) -> str:
+    """`lora_unet_down_blocks_0_…`, `lora_te_text_model_encoder_layers_0_…`: the names every loader knows.
+
+    transformers 5 flattened CLIPTextModel (no `text_model.` level); kohya files keep it.
+    """
+    if prefix.startswith("lora_te") and not module_name.startswith("text_model."):
+        module_name = "text_model." + module_name
+    return prefix + module_name.replace(".", "_")
+
+
+def named_parts(model) -> list[tuple[str, object]]:
+    """(kohya prefix, module) for the UNet and each text encoder of a BaseModel."""
+    return [("lora_unet_", model.unet)] + list(zip(te_prefixes(model.family, len(model.text_encoders)),
+                                                   model.text_encoders))
+
+
+def _oft_diff(layer) -> torch.Tensor:
+    # peft's OFT rotates a layer's *input* with a Cayley–Neumann approximation, while the LyCORIS
+    # `oft_blocks` layout that ComfyUI reads rotates the *output* blocks with an exact Cayley
+    # transform; one cannot be converted into the other. The weight difference (LyCORIS `diff`,
+    # which ComfyUI also reads) reproduces the trained layer exactly.
+    base = layer.get_base_layer()
+    before = base.weight.data.clone()
+    layer.merge(adapter_names=[ADAPTER])
+    after = base.weight.data.clone()
+    base.weight.data.copy_(before)
+    layer.merged_adapters.clear()
+    return after.float() - before.float()
+
+
+def layer_tensors(layer, algorithm: str, alpha: float) -> dict[str, torch.Tensor]:
+    """The file tensors of one adapted layer, named by their key suffix."""
+    if algorithm in ("lora", "dora"):
+        down = layer.lora_A[ADAPTER].weight
+        out = {"lora_down.weight": down, "lora_up.weight": layer.lora_B[ADAPTER].weight,
+               "alpha": torch.tensor(float(alpha))}
+        if algorithm == "dora":
+            # (out, 1[, 1, 1]): the output-axis layout ComfyUI and LyCORIS read (peft keeps (out,)).
+            mag = layer.lora_magnitude_vector[ADAPTER].weight
+            out["dora_scale"] = mag.reshape(-1, *[1] * (down.dim() - 1))
+        return out
+    if algorithm == "loha":
+        out = {k: getattr(layer, k)[ADAPTER] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+        out["alpha"] = torch.tensor(float(alpha))
+        return out
+    if algorithm == "lokr":
+        out = {k: getattr(layer, k)[ADAPTER] for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
+                                                          "lokr_w2_b", "lokr_t2") if ADAPTER in getattr(layer, k, {})}
+        rank = layer.r[ADAPTER]
+        if "lokr_w1_b" not in out and "lokr_w2_b" not in out:
+            # ComfyUI and LyCORIS apply alpha only to decomposed factors; fold peft's alpha/rank in.
+            key = "lokr_w1" if "lokr_w1" in out else "lokr_w1_a"
+            out[key] = out[key] * (alpha / rank)
+            out["alpha"] = torch.tensor(float(rank))
+        else:
+            out["alpha"] = torch.tensor(float(alpha))
+        return out
+    if algorithm == "oft":
+        return {"diff": _oft_diff(layer)}
+    raise ValueError(algorithm)
+
+
+def adapter_file_tensors(model, family: str, algorithm: str, alpha: float) -> dict[str, torch.Tensor]:
+    """All file tensors from a BaseModel whose UNet (and maybe text encoders) hold an adapter."""
+    out = {}
+    for prefix, module in named_parts(model):
+        for name, layer in adapter_layers(module):
+            key = kohya_key(prefix, name)
+            for suffix, t in layer_tensors(layer, algorithm, alpha).items():
+                out[f"{key}.{suffix}"] = t
+    return out
+
+
+def tag_frequency(captions: list[str]) -> dict:
+    counts = Counter(t.strip() for c in captions for t in c.split(",") if t.strip())
+    return {"dataset": dict(counts.most_common(500))}
+
+
+def metadata(cfg, family: str, steps: int, captions: list[str], num_images: int, resolution) -> dict[str, str]:
+    net = cfg.network
+    module = "networks.lora" if net.algorithm in ("lora", "dora") else "lycoris.kohya"
+    args = {"algo": net.algorithm}
+    if net.algorithm == "dora":
+        args = {"algo": "lora", "dora_wd": "True"}
+    trigger = cfg.dataset.caption_prefix.strip()
+    meta = {
+        "ss_base_model_version": BASE_VERSION[family], "ss_v2": str(family == "sd2"),
+        "ss_sd_model_name": Path(cfg.model.base).name, "ss_network_module": module,
+        "ss_network_dim": str(net.rank), "ss_network_alpha": str(net.alpha), "ss_network_args": json.dumps(args),
+        "ss_network_dropout": str(net.dropout), "ss_resolution": str(tuple(resolution)),
+        "ss_steps": str(steps), "ss_max_train_steps": str(cfg.train.steps), "ss_learning_rate": str(cfg.train.learning_rate),
+        "ss_text_encoder_lr": str(net.text_encoder_lr or cfg.train.learning_rate) if net.train_text_encoder else "0",
+        "ss_unet_lr": str(cfg.train.learning_rate), "ss_optimizer": cfg.train.optimizer,
+        "ss_lr_scheduler": cfg.train.lr_scheduler, "ss_batch_size_per_device": str(cfg.train.batch_size),
+        "ss_num_train_images": str(num_images), "ss_seed": str(cfg.train.seed), "ss_output_name": cfg.name,
+        "ss_mixed_precision": cfg.train.mixed_precision, "ss_min_snr_gamma": str(cfg.train.min_snr_gamma),
+        "ss_noise_offset": str(cfg.train.noise_offset), "ss_network_train_unet_only": str(not net.train_text_encoder),
+        "ss_tag_frequency": json.dumps(tag_frequency(captions)), "ss_dataset_size": str(num_images),
+        "ss_trigger_word": trigger,
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": MODELSPEC_ARCH[family] + "/lora",
+        "modelspec.implementation": "diffusers", "modelspec.title": cfg.name, "modelspec.trigger_phrase": trigger,
+        "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
+        "lora_lab_config": cfg.to_yaml(),
+    }
+    return meta
+
+
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str], precision: str) -> Path:
+    from safetensors.torch import save_file
+
+    dtype = DTYPES[precision]
+    data = {k: v.detach().to("cpu", torch.float32 if k.endswith(".alpha") else dtype).contiguous()
+            for k, v in tensors.items()}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(data, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path

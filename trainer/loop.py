@@ -1,0 +1,323 @@
+"""The training loop: one function from a config to a finished run folder.
+
+Read `train()` top to bottom: set up, then for each optimizer step draw a batch from one bucket,
+add noise, predict it, step; report, save and sample on schedule; honour stop within one step.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from .adapters import adapter_state_dict, load_adapter_state
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config
+from .data.plan import epoch_batches, step_caption
+from .encode import encode_text, sdxl_time_ids, vae_shift_scale
+from .errors import LoraLabError
+from .events import Callback, Control, Event
+from .export import adapter_file_tensors, metadata, save_file_atomic
+from .optim import compute_loss, min_snr_weights
+from .prepare import PRECISION, Prepared, mixed_precision, pick_device, prepare
+from .runs import RunDir, new_run
+from .sampling import generate
+
+DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def _accelerator(precision: str, device: torch.device):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one global state per process; a second run in the app may want another precision.
+    AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=PRECISION[precision], cpu=device.type == "cpu")
+
+
+class Job:
+    """One run: its folder, its events, its commands."""
+
+    def __init__(self, cfg: Config, run: RunDir, callback: Callback | None, control: Control | None):
+        self.cfg, self.run = cfg, run
+        self.callback = callback or (lambda e: None)
+        self.control = control or Control()
+        self.main = True
+
+    def emit(self, kind: str, **data) -> None:
+        if self.main:
+            self.callback(Event(kind, data))
+
+    def log(self, line: str) -> None:
+        if self.main:
+            self.run.log(line)
+            self.emit("log", line=line)
+
+    # --- one micro-batch -----------------------------------------------------------------
+    def batch_inputs(self, p: Prepared, batch: list[int], g: torch.Generator, rng: random.Random, device):
+        cfg, model = self.cfg, p.model
+        shift, scale = vae_shift_scale(model.vae)
+        lats, captions, time_ids = [], [], []
+        for n in batch:
+            flip = cfg.dataset.flip and rng.random() < 0.5
+            e = p.latents.data[(n, flip)]
+            lats.append(e["mean"] + e["std"] * torch.randn(e["mean"].shape, generator=g))
+            captions.append(step_caption(p.examples[n].caption, cfg.dataset, rng))
+            w, h = p.examples[n].size
+            time_ids.append(sdxl_time_ids(tuple(e["original"].tolist()), tuple(e["crop"].tolist()), (h, w)))
+        latents = ((torch.stack(lats) - shift) * scale).to(device)
+        if p.text is not None:
+            embeds, pooled = p.text.batch(captions)
+        else:
+            embeds, pooled = encode_text(model, captions, device)
+        extra = None
+        if model.is_xl:
+            extra = {"text_embeds": pooled.to(device), "time_ids": torch.stack(time_ids).to(device)}
+        return latents, embeds.to(device), extra
+
+    def micro_step(self, p: Prepared, acc, unet, noise_sched, batch, m: int, device) -> torch.Tensor:
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + m)
+        rng = random.Random(cfg.train.seed * 1_000_003 + m)
+        latents, embeds, extra = self.batch_inputs(p, batch, g, rng, device)
+        noise = torch.randn(latents.shape, generator=g)
+        if cfg.train.noise_offset:
+            noise = noise + cfg.train.noise_offset * torch.randn((*noise.shape[:2], 1, 1), generator=g)
+        noise = noise.to(device)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],), generator=g).to(device)
+        noisy = noise_sched.add_noise(latents, noise, t)
+        if p.model.prediction_type == "v_prediction":
+            target = noise_sched.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        with acc.autocast():
+            pred = unet(noisy, t, embeds, added_cond_kwargs=extra).sample
+        loss = compute_loss(pred, target, cfg.train.loss, cfg.train.huber_delta)
+        if cfg.train.min_snr_gamma:
+            loss = loss * min_snr_weights(noise_sched.alphas_cumprod, t, cfg.train.min_snr_gamma,
+                                          p.model.prediction_type)
+        return loss.mean()
+
+    # --- saving -------------------------------------------------------------------------
+    def adapter_state(self, p: Prepared) -> dict:
+        out = {f"unet.{k}": v for k, v in adapter_state_dict(p.model.unet).items()}
+        if self.cfg.network.train_text_encoder:
+            for i, te in enumerate(p.model.text_encoders):
+                out.update({f"te{i}.{k}": v for k, v in adapter_state_dict(te).items()})
+        return out
+
+    def save(self, p: Prepared, step: int, acc) -> None:
+        if not self.main:
+            return
+        state = {"optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
+                 "torch_rng": torch.get_rng_state()}
+        if acc.scaler is not None:
+            state["scaler"] = acc.scaler.state_dict()
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        m = (step - p.start_step) * self.cfg.train.gradient_accumulation
+        info = {"seed": self.cfg.train.seed, "epoch": m // p.batches_per_epoch, "batch": m % p.batches_per_epoch,
+                "offset": p.start_step}
+        path = save_checkpoint(self.run.checkpoints_dir, step, self.adapter_state(p), state, info,
+                               self.cfg.save.keep_last)
+        self.emit("checkpoint", step=step, path=str(path))
+
+    def restore(self, p: Prepared, acc) -> int:
+        ck = latest_checkpoint(self.run.checkpoints_dir)
+        if ck is None:
+            return p.start_step
+        adapter, state, info = load_checkpoint(ck)
+        load_adapter_state(p.model.unet, {k[5:]: v for k, v in adapter.items() if k.startswith("unet.")})
+        for i, te in enumerate(p.model.text_encoders if self.cfg.network.train_text_encoder else []):
+            load_adapter_state(te, {k[len(f"te{i}."):]: v for k, v in adapter.items() if k.startswith(f"te{i}.")})
+        p.optimizer.load_state_dict(state["optimizer"])
+        p.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if "scaler" in state and acc.scaler is not None:
+            acc.scaler.load_state_dict(state["scaler"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        p.start_step = info.get("offset", 0)
+        self.log(f"resumed from {ck.name}")
+        return info["step"]
+
+    def sample(self, p: Prepared, step: int, unet, device) -> None:
+        s = self.cfg.sample
+        if not s.prompts or not self.main:
+            return
+        unet.eval()
+        images = generate(p.model, s.prompts, s.seed, s.steps, s.guidance_scale, s.width or None,
+                          s.height or None, s.negative_prompt, s.scheduler, unet=unet, device=device)
+        unet.train()
+        for i, img in enumerate(images):
+            path = self.run.samples_dir / f"step{step:06d}_{i:02d}.png"
+            tmp = path.with_name("." + path.name)
+            img.save(tmp, format="PNG")
+            tmp.replace(path)
+            self.emit("sample", step=step, path=str(path), prompt=s.prompts[i])
+
+    def export(self, p: Prepared, step: int) -> Path:
+        cfg = self.cfg
+        tensors = adapter_file_tensors(p.model, p.model.family, cfg.network.algorithm, cfg.network.alpha)
+        res = (cfg.dataset.resolution, cfg.dataset.resolution)
+        meta = metadata(cfg, p.model.family, step, [e.caption for e in p.examples], len(p.examples), res)
+        return save_file_atomic(tensors, self.run.lora_path(cfg.name), meta, cfg.save.precision)
+
+    # --- the loop -----------------------------------------------------------------------
+    def train(self, resume: bool) -> RunDir:
+        cfg = self.cfg
+        device = pick_device(cfg.train.device)
+        precision = mixed_precision(cfg.train.mixed_precision, device)
+        acc = _accelerator(precision, device)
+        self.main = acc.is_main_process
+        device = acc.device
+        torch.manual_seed(cfg.train.seed)
+        weight_dtype = DTYPE[precision] if device.type != "cpu" else torch.float32
+        self.emit("status", state="loading", message="Loading the model and dataset…")
+        p = prepare(cfg, self.run.path.parent.parent, device, weight_dtype, self.log)
+        noise_sched = p.model.noise_scheduler()
+        unet = p.model.unet
+        unet.train()
+        unet, optimizer = acc.prepare(unet, p.optimizer)
+        step = self.restore(p, acc) if resume else p.start_step
+        if resume:
+            self.run.truncate_metrics(step)
+        total = p.start_step + cfg.train.steps
+        accum = cfg.train.gradient_accumulation
+        self.run.set_status("running", step=step, total_steps=total, started=self.run.status().get("started", time.time()),
+                            pid=__import__("os").getpid())
+        self.emit("status", state="running", step=step, total=total)
+        if step >= total:
+            self.log("nothing left to train")
+        pending: list[tuple[int, torch.Tensor, float]] = []
+        flush_every = 1 if device.type == "cpu" else 10  # reading a GPU loss waits for the GPU
+        t0, done0, epochs = time.time(), step, {}
+        last_loss = math.nan
+        while step < total:
+            if self.control.stop.is_set():
+                break
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.zeros((), device=device)
+            for k in range(accum):
+                m = (step - p.start_step) * accum + k
+                epoch, idx = divmod(m, p.batches_per_epoch)
+                if epoch not in epochs:
+                    epochs = {epoch: epoch_batches(p.examples, cfg.train.batch_size, cfg.train.seed, epoch)}
+                loss = self.micro_step(p, acc, unet, noise_sched, epochs[epoch][idx], m, device)
+                acc.backward(loss / accum)
+                step_loss += loss.detach() / accum
+            if cfg.train.max_grad_norm:
+                acc.clip_grad_norm_(p.params, cfg.train.max_grad_norm)
+            optimizer.step()
+            p.scheduler.step()
+            step += 1
+            pending.append((step, step_loss, p.scheduler.get_last_lr()[0]))
+            save_due = cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0
+            sample_due = cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0
+            save_now = Control.take(self.control.save_now)
+            sample_now = Control.take(self.control.sample_now)
+            if len(pending) >= flush_every or save_due or save_now or step == total:
+                last_loss = self.flush(pending, acc, step, total, t0, done0)
+                pending = []
+            if save_due or save_now:
+                self.save(p, step, acc)
+            if sample_due or sample_now:
+                self.sample(p, step, acc.unwrap_model(unet), device)
+        if pending:
+            last_loss = self.flush(pending, acc, step, total, t0, done0)
+        if step < total:  # stopped
+            self.save(p, step, acc)
+            if self.main:
+                self.run.set_status("stopped", step=step, total_steps=total, last_loss=last_loss)
+            self.emit("status", state="stopped", step=step)
+            self.log(f"stopped at step {step}; resume continues from here")
+            return self.run
+        self.save(p, step, acc)
+        if self.main:
+            if cfg.sample.prompts and not (cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0):
+                self.sample(p, step, acc.unwrap_model(unet), device)
+            path = self.export(p, step)
+            self.run.set_status("completed", step=step, total_steps=total, last_loss=last_loss, lora=path.name,
+                                finished=time.time())
+            self.log(f"saved {path.name}")
+            self.emit("status", state="completed", step=step, lora=str(path))
+        return self.run
+
+    def flush(self, pending, acc, step, total, t0, done0) -> float:
+        losses = acc.reduce(torch.stack([l for _, l, _ in pending]), reduction="mean").float().cpu().tolist()
+        for (s, _, lr), loss in zip(pending, losses):
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(f"the loss became {loss} at step {s}")
+            elapsed = time.time() - t0
+            speed = (s - done0) / elapsed if elapsed > 0 else 0.0
+            eta = (total - s) / speed if speed > 0 else None
+            row = {"step": s, "loss": loss, "lr": lr, "time": time.time()}
+            if self.main:
+                self.run.append_metrics(row)
+            self.emit("step", step=s, total=total, loss=loss, lr=lr, speed=speed, eta=eta,
+                      memory=torch.cuda.memory_allocated() if torch.cuda.is_available() else None)
+        if self.main:
+            self.run.set_status("running", step=step, total_steps=total, last_loss=losses[-1])
+        return losses[-1]
+
+
+def oom_advice(cfg: Config) -> str:
+    tips = []
+    if cfg.train.batch_size > 1:
+        tips.append(f"lower train.batch_size (now {cfg.train.batch_size})")
+    if not cfg.train.gradient_checkpointing:
+        tips.append("turn on train.gradient_checkpointing")
+    if cfg.dataset.resolution > 512:
+        tips.append(f"lower dataset.resolution (now {cfg.dataset.resolution})")
+    if cfg.train.optimizer != "adamw8bit":
+        tips.append("use train.optimizer=adamw8bit")
+    if cfg.train.mixed_precision in ("fp32", "auto"):
+        tips.append("use train.mixed_precision=bf16 (or fp16 on older GPUs)")
+    return "Out of accelerator memory. Try to " + ", ".join(tips or ["use a smaller rank or a smaller model"]) + "."
+
+
+def run_job(cfg: Config, workspace: Path, callback: Callback | None = None, control: Control | None = None,
+            run: RunDir | None = None) -> RunDir:
+    """Train `cfg` in a new run folder (or resume `run`). Failures end as status 'failed' with advice."""
+    resume = run is not None
+    if run is None:
+        run = new_run(workspace, cfg.name)
+        cfg.write(run.config_path)
+        run.set_status("running", step=0, total_steps=cfg.train.steps, started=time.time())
+    job = Job(cfg, run, callback, control)
+
+    def fail(error: str, advice: str):
+        if job.main:
+            run.set_status("failed", error=error, advice=advice)
+            run.log(f"FAILED: {error} {advice}")
+        job.emit("status", state="failed", error=error, advice=advice)
+
+    try:
+        return job.train(resume)
+    except LoraLabError as e:
+        fail(e.problem, e.fix)
+        raise
+    except NonFiniteLoss as e:
+        fail(str(e).capitalize() + ".", "Lower train.learning_rate (e.g. by 10x), keep the VAE in fp32, "
+             "or use train.mixed_precision=fp32; resume starts from the last good checkpoint.")
+        raise LoraLabError(f"Training failed: {e}.", "Lower the learning rate and resume.")
+    except torch.OutOfMemoryError:
+        advice = oom_advice(cfg)
+        fail("Out of accelerator memory.", advice)
+        raise LoraLabError("Out of accelerator memory.", advice)
+    except KeyboardInterrupt:
+        fail("Interrupted.", "Resume the run to continue from its last checkpoint.")
+        raise
+    except Exception as e:
+        if job.main:
+            run.log(traceback.format_exc())
+        fail(f"{type(e).__name__}: {e}", "This looks like a bug; the log (log.txt) has details. "
+             "Resume continues from the last checkpoint.")
+        raise

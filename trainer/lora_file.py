@@ -1,0 +1,162 @@
+"""Read LoRA / LyCORIS files and apply them to a base model at chosen strengths.
+
+This is the project's own loader: it merges each file's weight difference into the base weights
+(and can take it out again), for every layout we write — LoRA, DoRA, LoHa, LoKr and `diff` —
+so that one code path serves the sampler, the test tab and the reload checks of every algorithm.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import LoraLabError
+from .export import BASE_VERSION, kohya_key, named_parts
+
+FAMILY_OF_VERSION = {v: k for k, v in BASE_VERSION.items()}
+
+
+def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LoraLabError(f"LoRA file {path} does not exist.", "Check the path.")
+    if path.suffix.lower() != ".safetensors":
+        raise LoraLabError(f"{path.name} is not a .safetensors LoRA file.", "Pick a .safetensors file.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    except Exception as e:  # safetensors has its own error types for damaged files
+        raise LoraLabError(f"{path.name} is not a readable .safetensors file ({e}).", "Download or export it again.")
+
+
+def _module_map(model) -> dict[str, torch.nn.Module]:
+    out = {}
+    for prefix, root in named_parts(model):
+        for name, mod in root.named_modules():
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+                out[kohya_key(prefix, name)] = mod
+    return out
+
+
+def _group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        base, _, suffix = key.partition(".")
+        groups.setdefault(base, {})[suffix] = t.float()
+    return groups
+
+
+def delta_weight(p: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """The weight difference one file entry makes to `weight`, at strength 1."""
+    w = weight.float()
+    shape = w.shape
+    if "diff" in p:
+        return p["diff"].reshape(shape)
+    if "lora_down.weight" in p:
+        down, up = p["lora_down.weight"], p["lora_up.weight"]
+        rank = down.shape[0]
+        scale = p["alpha"].item() / rank if "alpha" in p else 1.0
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(shape) * scale
+        if "dora_scale" in p:
+            merged = w + delta
+            norm = merged.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
+            return p["dora_scale"].reshape(norm.shape) * merged / norm - w
+        return delta
+    if "hada_w1_a" in p:
+        rank = p["hada_w1_b"].shape[0]
+        scale = p["alpha"].item() / rank if "alpha" in p else 1.0
+        return ((p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])).reshape(shape) * scale
+    if any(k.startswith("lokr_") for k in p):
+        w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
+        if "lokr_w2" in p:
+            w2 = p["lokr_w2"]
+        else:
+            w2 = (p["lokr_w2_a"] @ p["lokr_w2_b"].flatten(1))
+        dim = p["lokr_w2_b"].shape[0] if "lokr_w2_b" in p else p["lokr_w1_b"].shape[0] if "lokr_w1_b" in p else None
+        scale = p["alpha"].item() / dim if dim and "alpha" in p else 1.0
+        if w.dim() == 4 and w2.dim() == 2:
+            w2 = w2.reshape(w2.shape[0], -1, *shape[2:]) if w2.shape[1] != shape[1] // w1.shape[1] else \
+                w2.unsqueeze(2).unsqueeze(3)
+        k = torch.kron(w1.reshape(*w1.shape, *([1] * (w2.dim() - 2))), w2)
+        return k.reshape(shape) * scale
+    raise LoraLabError(f"Unknown adapter layout with keys {sorted(p)}.",
+                       "LoRA Lab reads kohya LoRA/DoRA and LyCORIS LoHa/LoKr/diff files.")
+
+
+class AppliedLoras:
+    """LoRA files merged into a model's weights; `remove()` puts the original weights back."""
+
+    def __init__(self, model, loras: list[tuple[Path, float]]):
+        self.model = model
+        self.saved: dict[str, torch.Tensor] = {}
+        modules = _module_map(model)
+        for path, strength in loras:
+            tensors, meta = read_lora(path)
+            groups = _group(tensors)
+            matched = [g for g in groups if g in modules]
+            if len(matched) < max(1, len(groups) // 2):
+                made_for = FAMILY_OF_VERSION.get(meta.get("ss_base_model_version", ""), "another model")
+                raise LoraLabError(
+                    f"{Path(path).name} does not fit this {model.family} base model "
+                    f"({len(matched)} of {len(groups)} layers match; it was made for {made_for}).",
+                    f"Pick a {model.family} LoRA, or the base model family the LoRA was trained on.")
+            for name in matched:
+                mod = modules[name]
+                if name not in self.saved:
+                    self.saved[name] = mod.weight.data.clone()
+                delta = delta_weight(groups[name], mod.weight.data)
+                mod.weight.data = (mod.weight.data.float() + strength * delta.to(mod.weight.device)).to(mod.weight.dtype)
+        self._modules = modules
+
+    def remove(self) -> None:
+        for name, w in self.saved.items():
+            self._modules[name].weight.data = w
+        self.saved.clear()
+
+
+def lora_info(path: Path) -> dict:
+    """What a user wants to know of a LoRA file before using it."""
+    tensors, meta = read_lora(path)
+    kinds = {"lora_down.weight": "LoRA", "hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "diff": "diff"}
+    found = {kinds[s] for k in tensors for s in kinds if k.endswith("." + s)}
+    if any(k.endswith(".dora_scale") for k in tensors):
+        found = {"DoRA"}
+    cfg = meta.get("lora_lab_config")
+    return {"family": FAMILY_OF_VERSION.get(meta.get("ss_base_model_version", ""), "unknown"),
+            "type": ", ".join(sorted(found)) or "unknown", "rank": meta.get("ss_network_dim"),
+            "alpha": meta.get("ss_network_alpha"), "steps": meta.get("ss_steps"),
+            "trigger": meta.get("ss_trigger_word", ""), "tensors": len(tensors),
+            "has_config": bool(cfg), "args": json.loads(meta.get("ss_network_args", "{}") or "{}")}
+
+
+def load_into_diffusers(pipe, path: Path, adapter_name: str | None = None) -> None:
+    """Load a LoRA Lab file into a diffusers pipeline with its own `load_lora_weights`.
+
+    Plain LoRA files load with `pipe.load_lora_weights(path)` as they are. diffusers (0.42) drops
+    `dora_scale` from kohya-layout files for SD and SDXL, so DoRA files go through here: the file is
+    put into diffusers' peft layout (magnitudes kept, alpha/rank folded into the up weights).
+    """
+    tensors, _ = read_lora(path)
+    parts = [("lora_unet_", "unet", pipe.unet), ("lora_te_", "text_encoder", pipe.text_encoder),
+             ("lora_te1_", "text_encoder", pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        parts.append(("lora_te2_", "text_encoder_2", pipe.text_encoder_2))
+    names = {}
+    for prefix, attr, module in parts:
+        for name, _ in module.named_modules():
+            names[kohya_key(prefix, name)] = f"{attr}.{name}"
+    state = {}
+    for base, p in _group(tensors).items():
+        if "lora_down.weight" not in p or base not in names:
+            continue
+        scale = p["alpha"].item() / p["lora_down.weight"].shape[0] if "alpha" in p else 1.0
+        state[f"{names[base]}.lora_A.weight"] = p["lora_down.weight"]
+        state[f"{names[base]}.lora_B.weight"] = p["lora_up.weight"] * scale
+        if "dora_scale" in p:
+            # transformers' load_adapter (text encoders) wants the ".weight" suffix; diffusers' UNet path not.
+            suffix = "" if base.startswith("lora_unet_") else ".weight"
+            state[f"{names[base]}.lora_magnitude_vector{suffix}"] = p["dora_scale"].flatten()
+    pipe.load_lora_weights(state, adapter_name=adapter_name)

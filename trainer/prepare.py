@@ -1,0 +1,184 @@
+"""Everything before the first step: model, data, caches, adapter, optimizer."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapters import adapter_layers, adapter_parameters, add_adapter, load_adapter_state
+from .cache import LatentCache, TextCache
+from .data.plan import Example, epoch_batches, plan_examples
+from .data.sources import Dataset, load_dataset_source
+from .errors import LoraLabError
+from .lora_file import read_lora
+from .models.load import BaseModel, load_base
+from .optim import make_optimizer, make_scheduler
+
+PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise LoraLabError(f"train.device {name!r} is not a device.", "Use auto, cpu, cuda, cuda:1 or mps.")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LoraLabError("train.device asks for CUDA, but no CUDA GPU is available.",
+                           "Use train.device=auto or cpu, or install a CUDA build of PyTorch.")
+    return dev
+
+
+def mixed_precision(setting: str, device: torch.device) -> str:
+    if setting == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if setting == "fp16" and device.type == "cpu":
+        raise LoraLabError("train.mixed_precision fp16 needs a GPU.", "Use bf16 or fp32 on the CPU.")
+    return setting
+
+
+def model_multiple(model: BaseModel) -> int:
+    """Image sides must be divisible by this: the VAE's and the UNet's downsampling together."""
+    return model.vae_scale * 2 ** (len(model.unet.config.block_out_channels) - 1)
+
+
+@dataclass
+class Prepared:
+    model: BaseModel
+    dataset: Dataset
+    examples: list[Example]
+    latents: LatentCache
+    text: TextCache | None
+    params: list[torch.nn.Parameter]
+    optimizer: object
+    scheduler: object
+    batches_per_epoch: int
+    start_step: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def load_data(cfg, model: BaseModel) -> tuple[Dataset, list[Example]]:
+    d = cfg.dataset
+    ds = load_dataset_source(d.source, d.split, d.image_column, d.caption_column, d.caption_extension)
+    examples = plan_examples(ds, d, model_multiple(model))
+    total = sum(e.repeats for e in examples)
+    if cfg.train.batch_size > total:
+        raise LoraLabError(f"train.batch_size {cfg.train.batch_size} is larger than the dataset "
+                           f"({total} images × repeats).", f"Use a batch size of at most {total}, or add images.")
+    return ds, examples
+
+
+def fill_caches(cfg, model, ds, examples, cache_dir: Path, device, log) -> tuple[list[Example], LatentCache, TextCache | None]:
+    """Encode latents (and frozen text embeddings); the encoders then leave the accelerator."""
+    d = cfg.dataset
+    model.vae.to(device, torch.float32)  # fp32: the SDXL VAE overflows in fp16
+    latents = LatentCache(cache_dir, model, "crop" if d.bucketing else d.resize, d.cache_latents)
+    bad = latents.fill(ds, examples, d.flip, device, ds.problems)
+    model.vae.to("cpu")
+    if bad:
+        for n in bad:
+            log(f"skipped unreadable image {ds.items[examples[n].index].name}")
+        keep = [n for n in range(len(examples)) if n not in set(bad)]
+        latents.data = {(keep.index(n), f): v for (n, f), v in latents.data.items() if n in keep}
+        examples = [examples[n] for n in keep]
+        if not examples:
+            raise LoraLabError("None of the dataset's images could be read.", "See the problems listed for each file.")
+    log(f"latents: {latents.encoded} encoded, {latents.reused} read from the cache")
+    text = None
+    if text_is_cached(cfg):
+        for te in model.text_encoders:
+            te.to(device)
+        text = TextCache(cache_dir, model, True)
+        text.fill([e.caption for e in examples] + [""], device)
+        for te in model.text_encoders:
+            te.to("cpu")
+        log(f"text embeddings: {text.encoded} encoded, {text.reused} read from the cache")
+    else:
+        for te in model.text_encoders:
+            te.to(device)
+    return examples, latents, text
+
+
+def text_is_cached(cfg) -> bool:
+    d = cfg.dataset
+    return d.cache_text_embeddings and not cfg.network.train_text_encoder and not d.shuffle_tags
+
+
+PEFT_SUFFIX = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight",
+               "dora_scale": "lora_magnitude_vector"}
+
+
+def init_from_file(path: str, model: BaseModel, alpha: float) -> int:
+    """Load an existing LoRA file into the freshly added adapter; returns its step count."""
+    from .export import kohya_key, named_parts
+
+    tensors, meta = read_lora(Path(path))
+    loaded = 0
+    for prefix, module in named_parts(model):
+        names = {kohya_key(prefix, n): n for n, _ in adapter_layers(module)}
+        state = {}
+        for key, t in tensors.items():
+            base, _, suffix = key.partition(".")
+            if base not in names or suffix == "alpha":
+                continue
+            if suffix == "lora_up.weight" and f"{base}.alpha" in tensors:
+                t = t * (tensors[f"{base}.alpha"].item() / alpha)  # keep the file's effective scale
+            state[f"{names[base]}.{PEFT_SUFFIX.get(suffix, suffix)}"] = t
+        if state:
+            try:
+                load_adapter_state(module, state)
+            except RuntimeError as e:
+                raise LoraLabError(f"{Path(path).name} does not match the network settings ({e}).".split("\n")[0],
+                                   "Use the same network.algorithm and network.rank as the file.")
+            loaded += len(state)
+    if not loaded:
+        raise LoraLabError(f"{Path(path).name} has no weights for the layers being trained.",
+                           "Continue from a LoRA made for this base model with the same network.targets.")
+    return int(meta.get("ss_steps", "0") or 0)
+
+
+def setup_adapters(cfg, model: BaseModel, device, weight_dtype) -> tuple[list[dict], int]:
+    net = cfg.network
+    model.unet.to(device, weight_dtype)
+    add_adapter(model.unet, net)
+    tes = model.text_encoders if net.train_text_encoder else []
+    for te in tes:
+        te.to(device, weight_dtype)
+        add_adapter(te, net, text_encoder=True)
+    start = init_from_file(net.init_from, model, net.alpha) if net.init_from else 0
+    for m in [model.unet, *tes]:
+        for p in adapter_parameters(m):
+            p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
+    if cfg.train.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        for te in tes:
+            te.gradient_checkpointing_enable()
+    lr = cfg.train.learning_rate
+    groups = [{"params": adapter_parameters(model.unet), "lr": lr}]
+    for te in tes:
+        groups.append({"params": adapter_parameters(te), "lr": net.text_encoder_lr or lr})
+    return groups, start
+
+
+def prepare(cfg, workspace: Path, device, weight_dtype, log) -> Prepared:
+    m = cfg.model
+    model = load_base(m.base, m.family, m.prediction_type, m.allow_pickle)
+    log(f"base model: {m.base} ({model.family}, {model.prediction_type})")
+    ds, examples = load_data(cfg, model)
+    log(f"dataset: {len(ds.items)} images ({ds.layout}), {len(ds.problems)} problems")
+    for p in ds.problems:
+        log(f"  problem: {p}")
+    examples, latents, text = fill_caches(cfg, model, ds, examples, Path(workspace) / "cache", device, log)
+    groups, start = setup_adapters(cfg, model, device, weight_dtype)
+    opt = make_optimizer(cfg.train.optimizer, groups, cfg.train.learning_rate, cfg.train.weight_decay, device)
+    sched = make_scheduler(cfg.train.lr_scheduler, opt, cfg.train.warmup_steps, cfg.train.steps)
+    bpe = len(epoch_batches(examples, cfg.train.batch_size, cfg.train.seed, 0))
+    params = [p for g in groups for p in g["params"]]
+    return Prepared(model, ds, examples, latents, text, params, opt, sched, bpe, start)
+

@@ -1,0 +1,136 @@
+"""The run folder: the one source of truth about a run, read by the CLI, the app and resume.
+
+<workspace>/runs/<name>/ holds config.yaml, metrics.jsonl, status.json, samples/, checkpoints/
+and the final <name>.safetensors. Files others read are written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from .errors import LoraLabError
+
+STATES = ("queued", "running", "completed", "stopped", "failed", "interrupted")
+
+
+def safe_name(name: str) -> str:
+    """A run or file name that is safe in any file system and URL."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", (name or "").strip()).strip(".-")
+    return cleaned[:80] or "lora"
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, default=None):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return default
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    config_path = property(lambda self: self.path / "config.yaml")
+    status_path = property(lambda self: self.path / "status.json")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    samples_dir = property(lambda self: self.path / "samples")
+    checkpoints_dir = property(lambda self: self.path / "checkpoints")
+    log_path = property(lambda self: self.path / "log.txt")
+
+    def lora_path(self, name: str | None = None) -> Path:
+        return self.path / f"{safe_name(name or self.name)}.safetensors"
+
+    def status(self) -> dict:
+        return read_json(self.status_path, {}) or {}
+
+    def set_status(self, state: str, **extra) -> dict:
+        assert state in STATES, state
+        data = {**self.status(), **extra, "state": state, "updated": time.time()}
+        if state != "failed":
+            data.pop("error", None)
+            data.pop("advice", None)
+        write_json_atomic(self.status_path, data)
+        return data
+
+    def append_metrics(self, row: dict) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def metrics(self) -> list[dict]:
+        rows = []
+        try:
+            with open(self.metrics_path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:  # a line cut short by a crash
+                        pass
+        except OSError:
+            pass
+        return rows
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop rows past a checkpoint, so a resumed run writes one continuous curve."""
+        rows = [r for r in self.metrics() if r.get("step", 0) <= after_step]
+        tmp = self.metrics_path.with_name(".metrics.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, self.metrics_path)
+
+    def log(self, line: str) -> None:
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(time.strftime("%H:%M:%S ") + line + "\n")
+
+    def samples(self) -> list[Path]:
+        return sorted(self.samples_dir.glob("*.png")) if self.samples_dir.exists() else []
+
+
+def runs_root(workspace: Path) -> Path:
+    return Path(workspace) / "runs"
+
+
+def new_run(workspace: Path, name: str) -> RunDir:
+    root = runs_root(workspace)
+    root.mkdir(parents=True, exist_ok=True)
+    base = safe_name(name)
+    path, n = root / base, 2
+    while path.exists():
+        path, n = root / f"{base}-{n}", n + 1
+    path.mkdir()
+    (path / "samples").mkdir()
+    (path / "checkpoints").mkdir()
+    return RunDir(path)
+
+
+def open_run(path: Path) -> RunDir:
+    path = Path(path)
+    if not (path / "config.yaml").is_file():
+        raise LoraLabError(f"{path} is not a run folder (no config.yaml).",
+                           "Give a folder under <workspace>/runs/.")
+    return RunDir(path)
+
+
+def list_runs(workspace: Path) -> list[RunDir]:
+    root = runs_root(workspace)
+    if not root.exists():
+        return []
+    runs = [RunDir(p) for p in root.iterdir() if (p / "config.yaml").is_file()]
+    return sorted(runs, key=lambda r: r.status().get("started", r.path.stat().st_mtime), reverse=True)
+
+
+def delete_run(run: RunDir) -> None:
+    shutil.rmtree(run.path)
