@@ -34,6 +34,8 @@ class ModelConfig:
     prediction_type: str = opt("auto", "What the model predicts; auto reads it from the model "
                                "(SD 2.x 768 models use v_prediction).",
                                choices=["auto", "epsilon", "v_prediction"])
+    config_dir: str = opt("", "Diffusers config folder for a single-file checkpoint of an unusual shape; "
+                          "empty uses the shipped SD 1.x / 2.x / XL configs.")
     allow_pickle: bool = opt(False, "Allow .ckpt/.pt/.bin pickle checkpoints, which can run code "
                              "when loaded. Only for files you trust.")
 

@@ -153,8 +153,9 @@ class Job:
         if not s.prompts or not self.main:
             return
         unet.eval()
-        images = generate(p.model, s.prompts, s.seed, s.steps, s.guidance_scale, s.width or None,
-                          s.height or None, s.negative_prompt, s.scheduler, unet=unet, device=device)
+        res = self.cfg.dataset.resolution
+        images = generate(p.model, s.prompts, s.seed, s.steps, s.guidance_scale, s.width or res,
+                          s.height or res, s.negative_prompt, s.scheduler, unet=unet, device=device)
         unet.train()
         for i, img in enumerate(images):
             path = self.run.samples_dir / f"step{step:06d}_{i:02d}.png"

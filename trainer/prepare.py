@@ -168,7 +168,7 @@ def setup_adapters(cfg, model: BaseModel, device, weight_dtype) -> tuple[list[di
 
 def prepare(cfg, workspace: Path, device, weight_dtype, log) -> Prepared:
     m = cfg.model
-    model = load_base(m.base, m.family, m.prediction_type, m.allow_pickle)
+    model = load_base(m.base, m.family, m.prediction_type, m.allow_pickle, m.config_dir)
     log(f"base model: {m.base} ({model.family}, {model.prediction_type})")
     ds, examples = load_data(cfg, model)
     log(f"dataset: {len(ds.items)} images ({ds.layout}), {len(ds.problems)} problems")

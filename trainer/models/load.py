@@ -17,7 +17,6 @@ from .detect import PICKLE_SUFFIXES, detect_single_file_family
 from .tiny import TINY_IDS, build_tiny
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-FAMILY_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
 
 
 @dataclass
@@ -43,9 +42,8 @@ class BaseModel:
 
     @property
     def default_resolution(self) -> int:
-        if self.source in TINY_IDS:
-            return 64
-        return FAMILY_RESOLUTION[self.family]
+        """The size the model was trained at: its UNet's sample size in pixels."""
+        return int(self.unet.config.sample_size) * self.vae_scale
 
     def noise_scheduler(self):
         """The DDPM schedule the model was trained with, for adding noise during training."""
@@ -115,13 +113,13 @@ def _load_folder(folder: Path, family: str) -> dict:
     return _components_from_pipe(pipe)
 
 
-def _load_single_file(path: Path, family: str, prediction_type: str) -> dict:
+def _load_single_file(path: Path, family: str, prediction_type: str, config_dir: str = "") -> dict:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     kwargs = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = cls.from_single_file(str(path), config=str(config_folder(family)), local_files_only=True,
+        pipe = cls.from_single_file(str(path), config=str(config_dir or config_folder(family)), local_files_only=True,
                                     **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise LoraLabError(f"{path.name} could not be loaded as a {family} checkpoint: {e}",
@@ -153,7 +151,7 @@ def _load_hub(repo_id: str) -> tuple[Path, str]:
 
 
 def load_base(spec: str, family: str = "auto", prediction_type: str = "auto",
-              allow_pickle: bool = False) -> BaseModel:
+              allow_pickle: bool = False, config_dir: str = "") -> BaseModel:
     """Load `spec` (see module doc). Raises LoraLabError with advice for anything a user can fix."""
     spec = (spec or "").strip()
     if not spec:
@@ -183,7 +181,7 @@ def load_base(spec: str, family: str = "auto", prediction_type: str = "auto",
         detected, detected_pred = detect_single_file_family(path)
         if prediction_type == "auto" and detected_pred:
             prediction_type = detected_pred
-        parts = _load_single_file(path, family if family != "auto" else detected, prediction_type)
+        parts = _load_single_file(path, family if family != "auto" else detected, prediction_type, config_dir)
         fp = _file_fingerprint(path)
     elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path.suffix:
         folder, fp = _load_hub(spec)
