@@ -286,7 +286,10 @@ def oom_advice(cfg: Config) -> str:
 
 def run_job(cfg: Config, workspace: Path, callback: Callback | None = None, control: Control | None = None,
             run: RunDir | None = None) -> RunDir:
-    """Train `cfg` in a new run folder (or resume `run`). Failures end as status 'failed' with advice."""
+    """Train `cfg` in a new run folder, or in `run` from its last checkpoint if it has one.
+
+    Failures end as status 'failed' with advice, and raise.
+    """
     resume = run is not None
     if run is None:
         run = new_run(workspace, cfg.name)

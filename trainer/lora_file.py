@@ -129,6 +129,7 @@ def lora_info(path: Path) -> dict:
             "type": ", ".join(sorted(found)) or "unknown", "rank": meta.get("ss_network_dim"),
             "alpha": meta.get("ss_network_alpha"), "steps": meta.get("ss_steps"),
             "trigger": meta.get("ss_trigger_word", ""), "tensors": len(tensors),
+            "base": meta.get("ss_sd_model_name", ""),
             "has_config": bool(cfg), "args": json.loads(meta.get("ss_network_args", "{}") or "{}")}
 
 

@@ -180,12 +180,8 @@ def load_hf(source: str, split: str, image_column: str, caption_column: str) -> 
         if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
                               or (path / "state.json").exists()):
             ds = datasets.load_from_disk(str(path))
-        elif path.is_file() and path.suffix == ".parquet":
-            ds = datasets.load_dataset("parquet", data_files=str(path))
-        elif path.is_dir() and (path / "metadata.jsonl").exists():
-            ds = datasets.load_dataset("imagefolder", data_dir=str(path))
-        elif path.is_dir():
-            ds = datasets.load_dataset("parquet", data_files=[str(p) for p in sorted(path.glob("**/*.parquet"))])
+        elif path.exists():
+            ds = load_hf_raw(path)
         else:
             ds = datasets.load_dataset(source)
     except datasets.exceptions.DatasetNotFoundError:
@@ -241,3 +237,35 @@ def load_dataset_source(source: str, split: str = "train", image_column: str = "
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
         return load_hf(source, split, image_column, caption_column)
     raise LoraLabError(f"Dataset '{source}' was not found.", "Give an existing folder or a hub id like owner/name.")
+
+
+def hf_columns(source: str) -> tuple[list[str], list[str]]:
+    """(splits, columns) of a Hugging Face dataset, for the pickers in the app."""
+    import datasets
+
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+                              or (path / "state.json").exists()):
+            ds = datasets.load_from_disk(str(path))
+        elif path.exists():
+            ds = load_hf_raw(path)
+        else:
+            ds = datasets.load_dataset(source)
+    except (ConnectionError, OSError, ValueError) as e:
+        raise LoraLabError(f"Could not open the dataset '{source}' ({type(e).__name__}).",
+                           "Check the id or path; hub datasets need a network connection.")
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        return splits, list(ds[splits[0]].column_names)
+    return ["train"], list(ds.column_names)
+
+
+def load_hf_raw(path: Path):
+    import datasets
+
+    if path.is_file():
+        return datasets.load_dataset("parquet", data_files=str(path))
+    if (path / "metadata.jsonl").exists():
+        return datasets.load_dataset("imagefolder", data_dir=str(path))
+    return datasets.load_dataset("parquet", data_files=[str(p) for p in sorted(path.glob("**/*.parquet"))])

@@ -1,0 +1,50 @@
+"""LoRA Lab: `python app.py` serves the app on 127.0.0.1 and opens the browser."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="LoRA Lab: train and test LoRAs for Stable Diffusion in the browser.")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--workspace", default=os.environ.get("LORA_LAB_WORKSPACE", "workspace"),
+                   help="folder for datasets, runs, models and exports")
+    p.add_argument("--models-dir", help="an extra folder of checkpoints, e.g. ComfyUI's models/checkpoints")
+    p.add_argument("--share", action="store_true", help="make a public Gradio link")
+    p.add_argument("--auth", help="user:password required to open the app")
+    p.add_argument("--no-browser", action="store_true", help="don't open a browser tab")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt pickle checkpoints (trusted files only)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    print("LoRA Lab: starting (heavy libraries load when first needed)…", flush=True)
+    auth = None
+    if a.auth:
+        if ":" not in a.auth:
+            print("error: --auth takes user:password", file=sys.stderr)
+            return 2
+        auth = tuple(a.auth.split(":", 1))
+    if (a.share or a.host not in ("127.0.0.1", "localhost", "::1")) and not auth:
+        print("\n" + "!" * 72 + "\n  WARNING: LoRA Lab is reachable from other machines without a password.\n"
+              "  Anyone who can reach it can read files and run training. Add --auth user:password.\n"
+              + "!" * 72 + "\n", file=sys.stderr, flush=True)
+    import gradio as gr
+
+    from ui.context import AppContext
+    from ui.shell import CSS, build_app
+
+    ctx = AppContext.create(a.workspace, a.models_dir, a.allow_pickle)
+    app = build_app(ctx)
+    app.queue(default_concurrency_limit=4)
+    app.launch(server_name=a.host, server_port=a.port, share=a.share, auth=auth, inbrowser=not a.no_browser,
+               theme=gr.themes.Soft(), css=CSS, show_error=False, allowed_paths=[str(ctx.workspace)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""One zip with what a lab exercise hands in: images, prompts, the LoRA, the config and the loss plot."""
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+
+def loss_plot_png(rows: list[dict], path: Path) -> Path:
+    """A loss curve (raw and smoothed) drawn with Pillow, so no plotting library is needed."""
+    from PIL import Image, ImageDraw
+
+    w, h, pad = 640, 360, 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle((pad, pad // 2, w - pad // 2, h - pad), outline=(180, 180, 180))
+    d.text((pad, 4), "training loss (grey: per step, blue: smoothed)", fill=(0, 0, 0))
+    losses = [r["loss"] for r in rows if "loss" in r]
+    if len(losses) >= 2:
+        lo, hi = min(losses), max(losses)
+        span = (hi - lo) or 1.0
+
+        def xy(i, v):
+            return (pad + (w - 1.5 * pad) * i / (len(losses) - 1), h - pad - (h - 1.5 * pad) * (v - lo) / span)
+
+        d.line([xy(i, v) for i, v in enumerate(losses)], fill=(170, 170, 170))
+        smooth, ema = [], losses[0]
+        for v in losses:
+            ema = 0.9 * ema + 0.1 * v
+            smooth.append(ema)
+        d.line([xy(i, v) for i, v in enumerate(smooth)], fill=(30, 90, 200), width=2)
+        d.text((4, pad // 2), f"{hi:.3f}", fill=(0, 0, 0))
+        d.text((4, h - pad - 10), f"{lo:.3f}", fill=(0, 0, 0))
+        d.text((w - pad * 2, h - pad + 6), f"step {rows[-1].get('step', len(losses))}", fill=(0, 0, 0))
+    img.save(path)
+    return path
+
+
+def export_bundle(out: Path, images: list[tuple[str, object]], prompts: list[str], lora: Path | None,
+                  run_dir: Path | None, settings: dict) -> Path:
+    """Write the zip; `images` are (name, PIL image) pairs."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, img in images:
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            z.writestr(f"images/{name}", buf.getvalue())
+        z.writestr("prompts.txt", "\n".join(prompts) + "\n")
+        z.writestr("settings.json", json.dumps(settings, indent=1))
+        if lora is not None and Path(lora).exists():
+            z.write(lora, f"lora/{Path(lora).name}")
+        if run_dir is not None:
+            run_dir = Path(run_dir)
+            if (run_dir / "config.yaml").exists():
+                z.write(run_dir / "config.yaml", "config.yaml")
+            if (run_dir / "metrics.jsonl").exists():
+                from .runs import RunDir
+
+                plot = loss_plot_png(RunDir(run_dir).metrics(), out.with_name(f".{out.stem}_loss.png"))
+                z.write(plot, "loss.png")
+                plot.unlink()
+                z.write(run_dir / "metrics.jsonl", "metrics.jsonl")
+    tmp.replace(out)
+    return out

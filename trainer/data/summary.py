@@ -1,0 +1,79 @@
+"""What a user wants to know of a dataset before training on it, and caption editing."""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+from ..errors import LoraLabError
+from .buckets import effective_bucket_params, make_buckets, pick_bucket
+from .sources import Dataset, Problem
+
+TINY_SIDE = 64
+
+
+def summarize(ds: Dataset, resolution: int = 512, multiple: int = 64, min_side=256, max_side=1024, step=64) -> dict:
+    """Counts, size and bucket tables, and problems (adding tiny images and exact duplicates)."""
+    items = ds.items
+    problems = list(ds.problems)
+    digests: dict[str, str] = {}
+    for it in items:
+        if min(it.size) < TINY_SIDE:
+            problems.append(Problem(it.name, f"tiny image ({it.size[0]}x{it.size[1]}); it will look blurry"))
+        if it.image_path is not None and it.image_path.stat().st_size < 50_000_000:
+            d = hashlib.sha1(it.image_path.read_bytes()).hexdigest()
+            if d in digests:
+                problems.append(Problem(it.name, f"duplicate of {digests[d]}"))
+            digests.setdefault(d, it.name)
+    lo, hi, st = effective_bucket_params(resolution, min_side, max_side, step, multiple)
+    buckets = make_buckets(resolution, lo, hi, st)
+    by_bucket = Counter(pick_bucket(it.size, buckets, resolution, st) for it in items)
+    sizes = Counter(it.size for it in items)
+    captioned = sum(1 for it in items if it.caption.strip())
+    return {
+        "layout": ds.layout,
+        "images": len(items),
+        "captioned": captioned,
+        "missing_captions": len(items) - captioned,
+        "repeats": ds.total_repeats,
+        "sizes": [[f"{w}x{h}", n] for (w, h), n in sizes.most_common()],
+        "buckets": [[f"{w}x{h}", n] for (w, h), n in sorted(by_bucket.items())],
+        "problems": [[p.name, p.problem] for p in problems],
+    }
+
+
+def caption_file(item, captions_dir: Path | None = None) -> Path:
+    """Where an item's caption is saved: its sidecar, or (hub datasets) a file in the workspace."""
+    if item.caption_path is not None:
+        return item.caption_path
+    if captions_dir is None:
+        raise LoraLabError(f"{item.name} has no caption file to write.", "Save the dataset to a folder first.")
+    return captions_dir / f"{item.name.replace(' ', '_')}.txt"
+
+
+def save_caption(item, text: str, captions_dir: Path | None = None) -> Path:
+    path = caption_file(item, captions_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = " ".join(text.split())
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    item.caption = text
+    return path
+
+
+def bulk_edit(caption: str, prefix: str = "", suffix: str = "", find: str = "", replace: str = "",
+              remove_tags: str = "") -> str:
+    """One caption after the bulk operations: remove tags, find/replace, then prefix and suffix."""
+    tags = [t.strip() for t in caption.split(",")] if caption else []
+    drop = {t.strip().lower() for t in remove_tags.split(",") if t.strip()}
+    if drop:
+        tags = [t for t in tags if t.lower() not in drop]
+    out = ", ".join(t for t in tags if t)
+    if find:
+        out = out.replace(find, replace)
+    if prefix.strip() and not out.startswith(prefix.strip()):
+        out = f"{prefix.strip()}, {out}" if out else prefix.strip()
+    if suffix.strip() and not out.endswith(suffix.strip()):
+        out = f"{out}, {suffix.strip()}" if out else suffix.strip()
+    return out

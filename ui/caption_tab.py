@@ -1,0 +1,83 @@
+"""Caption tab: edit each image's caption beside it, or change all captions at once."""
+from __future__ import annotations
+
+import gradio as gr
+
+from trainer.data.summary import bulk_edit, save_caption
+
+from .errors import guarded
+
+
+def build(ctx, data):
+    ds_state = data["state"]
+    index = gr.State(0)
+    gr.Markdown("Load a dataset in the **Dataset** tab first. Captions are saved next to each image "
+                "(`name.txt`); for a Hugging Face dataset they go to `workspace/captions/`.")
+    message = gr.Markdown(elem_id="caption-message")
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = gr.Image(label="Image", interactive=False, height=360, elem_id="caption-image")
+        with gr.Column(scale=1):
+            where = gr.Markdown()
+            caption = gr.Textbox(label="Caption", lines=5, elem_id="caption-text")
+            with gr.Row():
+                prev_btn = gr.Button("◀ Previous")
+                save_btn = gr.Button("Save", variant="primary", elem_id="caption-save")
+                next_btn = gr.Button("Save and next ▶", elem_id="caption-next")
+    with gr.Accordion("Change all captions", open=True):
+        with gr.Row():
+            prefix = gr.Textbox(label="Put first (trigger word)", placeholder="sks")
+            suffix = gr.Textbox(label="Put last")
+            remove = gr.Textbox(label="Remove tags (comma-separated)")
+        with gr.Row():
+            find = gr.Textbox(label="Find")
+            replace = gr.Textbox(label="Replace with")
+        preview = gr.Markdown()
+        with gr.Row():
+            preview_btn = gr.Button("Preview on the first 5")
+            apply_btn = gr.Button("Apply to all captions", variant="stop", elem_id="caption-apply")
+
+    captions_dir = ctx.workspace / "captions"
+
+    def show(ds, i):
+        if ds is None or not ds.items:
+            return None, "No dataset loaded.", "", 0
+        i = max(0, min(i, len(ds.items) - 1))
+        it = ds.items[i]
+        return it.load(), f"**{i + 1} / {len(ds.items)}** · `{it.name}`", it.caption, i
+
+    @guarded(5)
+    def on_save(ds, i, text, step):
+        if ds is None:
+            return "Load a dataset first.", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        path = save_caption(ds.items[i], text, captions_dir)
+        img, pos, cap, i = show(ds, i + step)
+        return f"Saved {path.name}.", img, pos, cap, i
+
+    outs = [image, where, caption, index]
+    ds_state.change(lambda ds: show(ds, 0), ds_state, outs)
+    prev_btn.click(lambda ds, i: show(ds, i - 1), [ds_state, index], outs)
+    save_btn.click(lambda ds, i, t: on_save(ds, i, t, 0), [ds_state, index, caption], [message, *outs])
+    next_btn.click(lambda ds, i, t: on_save(ds, i, t, 1), [ds_state, index, caption], [message, *outs])
+
+    def on_preview(ds, p, s, f, r, rm):
+        if ds is None:
+            return "Load a dataset first."
+        rows = [f"- `{it.caption}` → `{bulk_edit(it.caption, p, s, f, r, rm)}`" for it in ds.items[:5]]
+        return "\n".join(rows)
+
+    preview_btn.click(on_preview, [ds_state, prefix, suffix, find, replace, remove], preview)
+
+    @guarded(5)
+    def on_apply(ds, i, p, s, f, r, rm):
+        if ds is None:
+            return "Load a dataset first.", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        changed = 0
+        for it in ds.items:
+            new = bulk_edit(it.caption, p, s, f, r, rm)
+            if new != it.caption:
+                save_caption(it, new, captions_dir)
+                changed += 1
+        return (f"Changed {changed} of {len(ds.items)} captions.", *show(ds, i))
+
+    apply_btn.click(on_apply, [ds_state, index, prefix, suffix, find, replace, remove], [message, *outs])

@@ -1,0 +1,170 @@
+"""Dataset tab: pick a folder or a Hugging Face dataset (or upload images), see every image and problem."""
+from __future__ import annotations
+
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+
+from trainer.data.images import IMAGE_EXTS
+from trainer.errors import LoraLabError
+
+from .errors import guarded
+
+PAGE = 12
+MAX_UPLOAD_FILES = 2000
+MAX_UPLOAD_BYTES = 2 * 1024**3
+
+
+def load_dataset(ctx, source: str, split: str, image_col: str, caption_col: str):
+    from trainer.data.sources import load_dataset_source
+    from trainer.data.summary import summarize
+
+    ds = load_dataset_source(ctx.dataset_source(source), split or "train", image_col or "image", caption_col or "text")
+    return ds, summarize(ds)
+
+
+def counts_markdown(s: dict) -> str:
+    return (f"**{s['images']} images** ({s['layout']}) · {s['captioned']} captioned · "
+            f"{s['missing_captions']} missing captions · {s['repeats']} per epoch with repeats · "
+            f"{len(s['problems'])} problems")
+
+
+def gallery_page(ds, page: int):
+    items = ds.items[page * PAGE:(page + 1) * PAGE]
+    return [(it.load(), f"{it.name}: {it.caption or '(no caption)'}") for it in items]
+
+
+def pages(ds) -> int:
+    return max(1, -(-len(ds.items) // PAGE))
+
+
+def save_uploads(ctx, files: list, name: str) -> Path:
+    """Uploaded images or zips → a new folder under workspace/datasets, checked for traversal and size."""
+    from trainer.runs import safe_name
+
+    if not files:
+        raise LoraLabError("No files uploaded.", "Drop images (or a zip of images and .txt captions) first.")
+    dest = ctx.workspace / "datasets" / safe_name(name or time.strftime("upload-%Y%m%d-%H%M%S"))
+    dest.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for f in files:
+        src = Path(getattr(f, "name", f))
+        if src.suffix.lower() == ".zip":
+            count += _extract_zip(src, dest)
+        elif src.suffix.lower() in IMAGE_EXTS + (".txt", ".caption"):
+            shutil.copy(src, dest / safe_name(src.name))
+            count += 1
+    if not count:
+        raise LoraLabError("None of the uploaded files are images, captions or zips.",
+                           "Upload .png/.jpg/.webp/.bmp images, .txt captions, or a .zip of them.")
+    return dest
+
+
+def _extract_zip(src: Path, dest: Path) -> int:
+    from trainer.runs import safe_name
+
+    with zipfile.ZipFile(src) as z:
+        infos = [i for i in z.infolist() if not i.is_dir()]
+        if len(infos) > MAX_UPLOAD_FILES:
+            raise LoraLabError(f"{src.name} holds {len(infos)} files.", f"Upload at most {MAX_UPLOAD_FILES}.")
+        if sum(i.file_size for i in infos) > MAX_UPLOAD_BYTES:
+            raise LoraLabError(f"{src.name} unpacks to more than 2 GB.", "Upload a smaller set.")
+        n = 0
+        for info in infos:
+            parts = Path(info.filename).parts
+            if info.filename.startswith("/") or ".." in parts:
+                raise LoraLabError(f"{src.name} contains an unsafe path ({info.filename}).",
+                                   "Zip the images without absolute paths or '..'.")
+            if Path(info.filename).suffix.lower() not in IMAGE_EXTS + (".txt", ".caption"):
+                continue
+            sub = [safe_name(p) for p in parts[:-1] if not p.startswith("__MACOSX")]
+            target = dest.joinpath(*sub, safe_name(parts[-1]))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with z.open(info) as fin, open(target, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+            n += 1
+        return n
+
+
+def build(ctx):
+    """Returns the dataset source textbox, which other tabs read."""
+    state = gr.State(None)  # the loaded trainer Dataset
+    gr.Markdown("Pick a folder of images with `.txt` captions, kohya `N_name` folders, `image/` + `text/` pairs, "
+                "or a Hugging Face dataset. Or upload images below, or make the demo dataset to try things out.")
+    with gr.Row():
+        source = gr.Textbox(label="Dataset folder or Hugging Face dataset", scale=4, elem_id="dataset-source",
+                            placeholder="/path/to/images  or  owner/dataset  or  datasets/demo")
+        load_btn = gr.Button("Load", variant="primary", scale=1, elem_id="dataset-load")
+        demo_btn = gr.Button("Make demo dataset", scale=1, elem_id="dataset-demo")
+    with gr.Accordion("Hugging Face dataset columns", open=False):
+        with gr.Row():
+            split = gr.Dropdown(["train"], value="train", label="Split", allow_custom_value=True)
+            image_col = gr.Dropdown(["image"], value="image", label="Image column", allow_custom_value=True)
+            caption_col = gr.Dropdown(["text"], value="text", label="Caption column", allow_custom_value=True)
+            cols_btn = gr.Button("Read columns")
+    with gr.Accordion("Upload images or a zip into a new dataset", open=False):
+        upload = gr.File(file_count="multiple", label="Images, .txt captions or a .zip")
+        upload_name = gr.Textbox(label="New dataset name", placeholder="my-dataset")
+        upload_btn = gr.Button("Create dataset from uploads")
+    message = gr.Markdown(elem_id="dataset-message")
+    counts = gr.Markdown(elem_id="dataset-counts")
+    with gr.Row():
+        prev_btn = gr.Button("◀ Previous page", size="sm")
+        page = gr.Number(value=1, label="Page", precision=0, minimum=1, scale=0, min_width=100)
+        next_btn = gr.Button("Next page ▶", size="sm")
+    gallery = gr.Gallery(label="Images and captions", columns=6, height="auto", elem_id="dataset-gallery")
+    with gr.Row():
+        sizes = gr.Dataframe(headers=["size", "images"], label="Image sizes", interactive=False)
+        buckets = gr.Dataframe(headers=["bucket at 512", "images"], label="Aspect buckets", interactive=False)
+    problems = gr.Dataframe(headers=["file", "problem"], label="Problems", interactive=False, elem_id="dataset-problems")
+
+    @guarded(7)
+    def on_load(src, sp, ic, cc):
+        ds, s = load_dataset(ctx, src, sp, ic, cc)
+        return ("", counts_markdown(s), gallery_page(ds, 0), s["sizes"], s["buckets"],
+                s["problems"] or [["—", "no problems found"]], ds)
+
+    outs = [message, counts, gallery, sizes, buckets, problems, state]
+    load_btn.click(on_load, [source, split, image_col, caption_col], outs).then(lambda: 1, None, page)
+    source.submit(on_load, [source, split, image_col, caption_col], outs)
+
+    def on_demo():
+        from trainer.data.demo import make_demo_dataset
+
+        path = make_demo_dataset(ctx.workspace / "datasets" / "demo")
+        return str(path)
+
+    demo_btn.click(on_demo, None, source).then(on_load, [source, split, image_col, caption_col], outs)
+
+    @guarded(4)
+    def on_columns(src):
+        from trainer.data.sources import hf_columns
+
+        splits, cols = hf_columns(ctx.dataset_source(src))
+        img = next((c for c in cols if "image" in c.lower()), cols[0])
+        cap = next((c for c in cols if c in ("text", "caption", "en_text", "prompt")), cols[-1])
+        return ("", gr.update(choices=splits, value=splits[0]), gr.update(choices=cols, value=img),
+                gr.update(choices=cols, value=cap))
+
+    cols_btn.click(on_columns, source, [message, split, image_col, caption_col])
+
+    @guarded(2)
+    def on_upload(files, name):
+        return "", str(save_uploads(ctx, files, name))
+
+    upload_btn.click(on_upload, [upload, upload_name], [message, source]).then(
+        on_load, [source, split, image_col, caption_col], outs)
+
+    def turn(ds, p, delta):
+        if ds is None:
+            return gr.skip(), 1
+        p = min(max(1, int(p or 1) + delta), pages(ds))
+        return gallery_page(ds, p - 1), p
+
+    prev_btn.click(lambda ds, p: turn(ds, p, -1), [state, page], [gallery, page])
+    next_btn.click(lambda ds, p: turn(ds, p, 1), [state, page], [gallery, page])
+    page.submit(lambda ds, p: turn(ds, p, 0), [state, page], [gallery, page])
+    return {"source": source, "split": split, "image_col": image_col, "caption_col": caption_col, "state": state}

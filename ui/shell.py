@@ -1,0 +1,28 @@
+"""The app shell: header, the four tabs, and what they share."""
+from __future__ import annotations
+
+import gradio as gr
+
+from . import caption_tab, dataset_tab, test_tab, train_tab
+
+CSS = """
+#run-progress p { margin: 4px 0; }
+.run-error { color: #b91c1c; }
+footer { display: none !important; }
+"""
+
+
+def build_app(ctx) -> gr.Blocks:
+    with gr.Blocks(title="LoRA Lab") as app:
+        gr.Markdown(f"# LoRA Lab\nTrain LoRA adapters for Stable Diffusion and try them right away. "
+                    f"Workspace: `{ctx.workspace}`")
+        with gr.Tabs():
+            with gr.Tab("1 · Dataset", id="dataset"):
+                data = dataset_tab.build(ctx)
+            with gr.Tab("2 · Caption", id="caption"):
+                caption_tab.build(ctx, data)
+            with gr.Tab("3 · Train", id="train"):
+                train_tab.build(ctx, data)
+            with gr.Tab("4 · Test", id="test"):
+                test_tab.build(ctx)
+    return app

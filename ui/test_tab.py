@@ -1,0 +1,181 @@
+"""Test tab: the base model with LoRAs at chosen strengths, side by side with the base, and the export zip."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from trainer.errors import LoraLabError
+from trainer.sampling import SCHEDULERS
+
+from .errors import guarded
+
+SLOTS = 3
+
+
+def _loras(names, strengths) -> list[tuple[Path, float]]:
+    return [(Path(n), float(s)) for n, s in zip(names, strengths) if n]
+
+
+def _run_of(lora: Path) -> Path | None:
+    return lora.parent if (lora.parent / "config.yaml").exists() else None
+
+
+def build(ctx):
+    gr.Markdown("Generate with your LoRA next to the base model from the same seed. Pick LoRAs from finished runs "
+                "or upload one.")
+    with gr.Row():
+        base = gr.Dropdown(ctx.base_models(), value="tiny-demo", label="Base model", allow_custom_value=True,
+                           elem_id="test-base")
+        refresh = gr.Button("Refresh lists", size="sm")
+    lora_boxes, strength_boxes = [], []
+    for i in range(SLOTS):
+        with gr.Row():
+            lora_boxes.append(gr.Dropdown(ctx.loras(), value=None, label=f"LoRA {i + 1}", allow_custom_value=True,
+                                          elem_id=f"test-lora-{i}", scale=3))
+            strength_boxes.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="Strength", scale=1))
+    upload = gr.File(label="Upload a LoRA (.safetensors)", file_types=[".safetensors"])
+    prompts = gr.Textbox(label="Prompts (one per line)", lines=3, elem_id="test-prompts")
+    negative = gr.Textbox(label="Negative prompt")
+    with gr.Row():
+        seed = gr.Number(value=1, label="Seed", precision=0)
+        steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+        guidance = gr.Slider(0, 20, value=7.0, step=0.5, label="Guidance")
+        width = gr.Number(value=0, label="Width (0: model's size)", precision=0)
+        height = gr.Number(value=0, label="Height (0: model's size)", precision=0)
+        scheduler = gr.Dropdown(list(SCHEDULERS), value="euler_a", label="Sampler")
+    with gr.Row():
+        gen_btn = gr.Button("Generate", variant="primary")
+        compare_btn = gr.Button("Compare with base", elem_id="test-compare")
+        sweep_btn = gr.Button("Strength sweep (LoRA 1)")
+        grid_btn = gr.Button("Checkpoints × prompts (LoRA 1's run)")
+    message = gr.Markdown(elem_id="test-message")
+    gallery = gr.Gallery(label="Results", columns=4, height="auto", elem_id="test-gallery")
+    images = gr.State([])
+    with gr.Row():
+        export_btn = gr.Button("Export zip (images, prompts, LoRA, config, loss plot)", elem_id="test-export")
+        export_file = gr.File(label="Export", elem_id="test-export-file")
+    with gr.Accordion("Share on the Hugging Face hub", open=False):
+        with gr.Row():
+            repo = gr.Textbox(label="Repository (you/name)")
+            token = gr.Textbox(label="Access token (write)", type="password")
+        push_btn = gr.Button("Push LoRA 1 with a model card")
+        push_msg = gr.Markdown()
+
+    common = [base, prompts, negative, seed, steps, guidance, width, height, scheduler]
+
+    def gen(spec, text, neg, sd, st, g, w, h, sch, loras):
+        model = ctx.load_model(spec)
+        return _generate(model, text.splitlines(), neg, sd, st, g, w, h, sch, loras)
+
+    def _generate(model, lines, neg, sd, st, g, w, h, sch, loras):
+        from trainer.sampling import generate
+
+        return generate(model, lines, int(sd), int(st), float(g), int(w or 0), int(h or 0), neg, sch, loras=loras)
+
+    def pack(pairs):
+        return "", [(img, cap) for img, cap in pairs], pairs
+
+    @guarded(3)
+    def on_generate(spec, text, neg, sd, st, g, w, h, sch, *ls):
+        loras = _loras(ls[:SLOTS], ls[SLOTS:])
+        imgs = gen(spec, text, neg, sd, st, g, w, h, sch, loras)
+        lines = [t for t in text.splitlines() if t.strip()]
+        return pack([(img, f"{p} · LoRAs") for img, p in zip(imgs, lines)])
+
+    @guarded(3)
+    def on_compare(spec, text, neg, sd, st, g, w, h, sch, *ls):
+        loras = _loras(ls[:SLOTS], ls[SLOTS:])
+        if not loras:
+            raise LoraLabError("No LoRA picked.", "Pick a LoRA in slot 1 to compare with the base model.")
+        lines = [t for t in text.splitlines() if t.strip()]
+        with_l = gen(spec, text, neg, sd, st, g, w, h, sch, loras)
+        without = gen(spec, text, neg, sd, st, g, w, h, sch, [])
+        pairs = []
+        for p, a, b in zip(lines, without, with_l):
+            pairs += [(a, f"base · {p}"), (b, f"with LoRA · {p}")]
+        return pack(pairs)
+
+    @guarded(3)
+    def on_sweep(spec, text, neg, sd, st, g, w, h, sch, *ls):
+        if not ls[0]:
+            raise LoraLabError("No LoRA picked.", "Pick a LoRA in slot 1.")
+        pairs = []
+        for s in (0.0, 0.25, 0.5, 0.75, 1.0):
+            imgs = gen(spec, text, neg, sd, st, g, w, h, sch, [(Path(ls[0]), s)])
+            pairs += [(img, f"strength {s}") for img in imgs]
+        return pack(pairs)
+
+    @guarded(3)
+    def on_grid(spec, text, neg, sd, st, g, w, h, sch, *ls):
+        from trainer.checkpoint_lora import checkpoint_loras
+
+        if not ls[0] or _run_of(Path(ls[0])) is None:
+            raise LoraLabError("LoRA 1 is not from a run.", "Pick a LoRA made by a run to compare its checkpoints.")
+        pairs = []
+        model = ctx.load_model(spec)
+        for step, path in checkpoint_loras(_run_of(Path(ls[0]))):
+            imgs = _generate(model, text.splitlines(), neg, sd, st, g, w, h, sch, [(path, float(ls[SLOTS]))])
+            pairs += [(img, f"step {step} · {p}") for img, p in zip(imgs, [t for t in text.splitlines() if t.strip()])]
+        return pack(pairs)
+
+    outs = [message, gallery, images]
+    ins = [*common, *lora_boxes, *strength_boxes]
+    gen_btn.click(on_generate, ins, outs)
+    compare_btn.click(on_compare, ins, outs)
+    sweep_btn.click(on_sweep, ins, outs)
+    grid_btn.click(on_grid, ins, outs)
+
+    @guarded(2)
+    def on_export(pairs, text, l0, s0, sd, st, g):
+        from trainer.bundle import export_bundle
+
+        if not pairs:
+            raise LoraLabError("Nothing to export yet.", "Generate or compare images first.")
+        lora = Path(l0) if l0 else None
+        named = [(f"{i:02d}_{cap.split(' · ')[0].replace(' ', '_')}.png", img) for i, (img, cap) in enumerate(pairs)]
+        named = [(n, img if not isinstance(img, str) else __import__("PIL.Image").Image.open(img)) for n, img in named]
+        out = ctx.workspace / "exports" / f"lora-lab-{time.strftime('%Y%m%d-%H%M%S')}.zip"
+        export_bundle(out, named, [t for t in text.splitlines() if t.strip()], lora, _run_of(lora) if lora else None,
+                      {"seed": sd, "steps": st, "guidance": g, "lora_strength": s0})
+        return f"Exported {out.name}.", str(out)
+
+    export_btn.click(on_export, [images, prompts, lora_boxes[0], strength_boxes[0], seed, steps, guidance],
+                     [message, export_file])
+
+    @guarded(1 + SLOTS + 1)
+    def on_upload(f):
+        if f is None:
+            return ["", *[gr.skip()] * SLOTS, gr.skip()]
+        src = Path(getattr(f, "name", f))
+        from trainer.lora_file import read_lora
+        from trainer.runs import safe_name
+
+        read_lora(src)  # refuses files that are not LoRAs before they are kept
+        dest = ctx.workspace / "loras" / (safe_name(src.stem) + ".safetensors")
+        shutil.copy(src, dest)
+        choices = ctx.loras()
+        return [f"Added {dest.name}.", gr.update(choices=choices, value=str(dest)),
+                *[gr.update(choices=choices)] * (SLOTS - 1), gr.skip()]
+
+    upload.upload(on_upload, upload, [message, *lora_boxes, base])
+
+    def on_refresh():
+        choices = ctx.loras()
+        return [gr.update(choices=ctx.base_models()), *[gr.update(choices=choices)] * SLOTS]
+
+    refresh.click(on_refresh, None, [base, *lora_boxes])
+
+    @guarded(1)
+    def on_push(rep, tok, l0, pairs):
+        from trainer.hub import push_lora
+
+        if not l0:
+            raise LoraLabError("No LoRA picked.", "Pick the LoRA to share in slot 1.")
+        url = push_lora(Path(l0), rep, tok, [img for img, _ in (pairs or [])][:4])
+        return f"Pushed: {url}"
+
+    push_btn.click(on_push, [repo, token, lora_boxes[0], images], push_msg)
+    return {"refresh": refresh}

@@ -1,0 +1,232 @@
+"""Train tab: presets and every option, a summary before starting, the live run, and the run history."""
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+
+from trainer.config import Config, list_presets, resolve
+from trainer.runs import RunDir, delete_run, list_runs
+
+from .config_form import build_form, config_to_values, form_to_config
+from .errors import guarded, message
+
+STATE_ICON = {"running": "running", "completed": "completed", "stopped": "stopped (resumable)",
+              "failed": "FAILED", "interrupted": "interrupted (resumable)", "queued": "queued"}
+STATE_COLOR = {"running": "#16a34a", "completed": "#4f46e5", "stopped": "#d97706", "failed": "#dc2626",
+               "interrupted": "#d97706"}
+
+
+def loss_frame(rows: list[dict]):
+    import pandas as pd
+
+    if not rows:
+        return None  # Gradio's plot stops drawing for good after an empty frame; None just clears it
+    steps = [r["step"] for r in rows]
+    raw = [r["loss"] for r in rows]
+    smooth, ema = [], raw[0]
+    for v in raw:
+        ema = 0.9 * ema + 0.1 * v
+        smooth.append(ema)
+    return pd.DataFrame({"step": steps * 2, "loss": raw + smooth, "series": ["raw"] * len(raw) + ["smoothed"] * len(raw)})
+
+
+def lr_frame(rows: list[dict]):
+    import pandas as pd
+
+    if not rows:
+        return None
+    return pd.DataFrame({"step": [r["step"] for r in rows], "lr": [r.get("lr", 0.0) for r in rows]})
+
+
+def fmt_eta(seconds) -> str:
+    if seconds is None:
+        return "—"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h {seconds % 3600 // 60}m" if seconds >= 3600 else f"{seconds // 60}m {seconds % 60}s"
+
+
+def progress_html(st: dict, latest: dict) -> str:
+    step, total = st.get("step", 0), st.get("total_steps") or 1
+    pct = min(100, int(100 * step / total))
+    state = st.get("state", "")
+    color = STATE_COLOR.get(state, "#374151")
+    bits = [f"<b style='color:{color}'>{STATE_ICON.get(state, state)}</b>", f"step {step} / {total}"]
+    if state == "running" and latest.get("speed"):
+        bits += [f"{latest['speed']:.2f} steps/s", f"ETA {fmt_eta(latest.get('eta'))}"]
+    if latest.get("memory"):
+        bits.append(f"GPU memory {latest['memory'] / 1024**3:.1f} GB")
+    if st.get("last_loss") is not None:
+        bits.append(f"loss {st['last_loss']:.4f}")
+    msg = ""
+    if state in ("failed", "interrupted"):
+        msg = f"<p class='run-error'><b>{st.get('error', '')}</b> {st.get('advice', '')}</p>"
+    return (f"<div id='run-progress' data-state='{state}' data-step='{step}'>"
+            f"<div style='background:#e5e7eb;border-radius:6px;height:14px'><div style='width:{pct}%;"
+            f"background:#6366f1;height:14px;border-radius:6px'></div></div><p>{' · '.join(bits)}</p>{msg}</div>")
+
+
+def run_view(run: RunDir | None, latest: dict):
+    """Everything the live panel shows, read from the run folder (the source of truth)."""
+    if run is None:
+        return ("<div id='run-progress' data-state='none'><p>No run yet. Start one above.</p></div>",
+                loss_frame([]), lr_frame([]), "", [])
+    rows = run.metrics()
+    log = run.log_path.read_text(encoding="utf-8")[-4000:] if run.log_path.exists() else ""
+    samples = [(str(p), p.stem) for p in run.samples()]
+    return progress_html(run.status(), latest), loss_frame(rows), lr_frame(rows), log, samples
+
+
+def history_rows(ws) -> list[list]:
+    rows = []
+    for run in list_runs(ws):
+        st = run.status()
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(st.get("started", run.path.stat().st_mtime)))
+        loss = st.get("last_loss")
+        rows.append([run.name, STATE_ICON.get(st.get("state"), st.get("state", "?")),
+                     f"{st.get('step', 0)}/{st.get('total_steps', '?')}",
+                     f"{loss:.4f}" if isinstance(loss, (int, float)) else "—", when])
+    return rows
+
+
+def build(ctx, data):
+    presets = list_presets()
+    keys: list[str] = []
+    with gr.Row():
+        preset = gr.Dropdown(["(none)", *presets], value="(none)", label="Preset", scale=1, elem_id="train-preset")
+        preset_info = gr.Markdown("Pick a preset to fill in settings for your card or exercise.")
+    comps = build_form(ctx.base_models())
+    keys = list(comps)
+    fields = [comps[k] for k in keys]
+    summary = gr.Markdown(elem_id="train-summary")
+    with gr.Row():
+        check_btn = gr.Button("Check settings")
+        start_btn = gr.Button("Start training", variant="primary", elem_id="train-start")
+        stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop")
+        save_btn = gr.Button("Save now", elem_id="train-save-now")
+        sample_btn = gr.Button("Sample now", elem_id="train-sample-now")
+    message_box = gr.Markdown(elem_id="train-message")
+    progress = gr.HTML(elem_id="train-progress")
+    with gr.Row():
+        loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", height=260, elem_id="loss-plot")
+        lr_plot = gr.LinePlot(x="step", y="lr", title="Learning rate", height=260)
+    with gr.Row():
+        samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="train-samples")
+        log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, elem_id="train-log")
+    timer = gr.Timer(1.0)
+
+    def dataset_values(src, split, ic, cc):
+        return {"source": src or "", "split": split or "train", "image_column": ic or "image",
+                "caption_column": cc or "text"}
+
+    ds_inputs = [data["source"], data["split"], data["image_col"], data["caption_col"]]
+
+    def on_preset(name):
+        if name == "(none)":
+            return ["Settings as they are."] + [gr.skip()] * len(keys)
+        cfg = resolve(name)
+        return [f"**{name}**: {presets[name]}"] + config_to_values(cfg, keys)
+
+    preset.change(on_preset, preset, [preset_info, *fields])
+
+    def current(values, ds_vals) -> Config:
+        return form_to_config(keys, values, ds_vals)
+
+    @guarded(1)
+    def on_check(*args):
+        from trainer.plan_summary import describe, plan
+
+        cfg = current(list(args[:len(keys)]), dataset_values(*args[len(keys):]))
+        ds_summary = None
+        if cfg.dataset.source:
+            from trainer.data.sources import load_dataset_source
+            from trainer.data.summary import summarize
+
+            ds = load_dataset_source(ctx.dataset_source(cfg.dataset.source), cfg.dataset.split,
+                                     cfg.dataset.image_column, cfg.dataset.caption_column)
+            ds_summary = summarize(ds)
+            ds_summary["captions"] = [i.caption for i in ds.items]
+        return describe(plan(cfg, ds_summary), ds_summary)
+
+    check_btn.click(on_check, [*fields, *ds_inputs], summary)
+
+    @guarded(2)
+    def on_start(*args):
+        cfg = current(list(args[:len(keys)]), dataset_values(*args[len(keys):]))
+        if not cfg.dataset.source:
+            return "⚠️ No dataset: load one in the Dataset tab first.", gr.skip()
+        cfg.dataset.source = ctx.dataset_source(cfg.dataset.source)
+        cfg.model.allow_pickle = ctx.allow_pickle
+        run = ctx.jobs.start(cfg)
+        return f"Started **{run.name}**.", history_rows(ctx.workspace)
+
+    history = gr.Dataframe(headers=["run", "state", "steps", "last loss", "started"], label="Runs",
+                           interactive=False, elem_id="run-history", value=lambda: history_rows(ctx.workspace))
+    start_btn.click(on_start, [*fields, *ds_inputs], [message_box, history])
+
+    stop_btn.click(lambda: (ctx.jobs.stop(), "Stopping after this step…")[1], None, message_box)
+    save_btn.click(lambda: (ctx.jobs.save_now(), "A checkpoint will be saved after this step.")[1], None, message_box)
+    sample_btn.click(lambda: (ctx.jobs.sample_now(), "Samples will be made after this step.")[1], None, message_box)
+
+    def tick():
+        run = ctx.jobs.run or next(iter(list_runs(ctx.workspace)), None)
+        return run_view(run, ctx.jobs.latest)
+
+    timer.tick(tick, None, [progress, loss_plot, lr_plot, log, samples], show_progress="hidden")
+
+    with gr.Accordion("Run history", open=True):
+        with gr.Row():
+            pick = gr.Dropdown([], label="Open a run", allow_custom_value=True, elem_id="history-pick")
+            refresh_btn = gr.Button("Refresh", size="sm")
+            resume_btn = gr.Button("Resume", elem_id="history-resume")
+            delete_btn = gr.Button("Delete", variant="stop")
+        history_msg = gr.Markdown(elem_id="history-message")
+        with gr.Row():
+            h_config = gr.Code(label="config.yaml", language="yaml")
+            h_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", height=260)
+        with gr.Row():
+            h_samples = gr.Gallery(label="Samples", columns=4, height=200)
+            h_file = gr.File(label="LoRA file", elem_id="history-lora")
+
+    def refresh():
+        runs = [r.name for r in list_runs(ctx.workspace)]
+        return history_rows(ctx.workspace), gr.update(choices=runs)
+
+    refresh_btn.click(refresh, None, [history, pick])
+    timer.tick(lambda: history_rows(ctx.workspace), None, history, show_progress="hidden")
+
+    def open_run(name):
+        if not name or not (ctx.workspace / "runs" / name).exists():
+            return "", "", loss_frame([]), [], None
+        run = RunDir(ctx.workspace / "runs" / name)
+        st = run.status()
+        lora = run.path / st["lora"] if st.get("lora") else None
+        info = f"{STATE_ICON.get(st.get('state'), '')} — step {st.get('step', 0)}/{st.get('total_steps', '?')}"
+        if st.get("error"):
+            info += f" — {st['error']} {st.get('advice', '')}"
+        return (info, run.config_path.read_text(), loss_frame(run.metrics()), [str(p) for p in run.samples()],
+                str(lora) if lora and lora.exists() else None)
+
+    pick.change(open_run, pick, [history_msg, h_config, h_plot, h_samples, h_file])
+
+    def on_resume(name):
+        try:
+            run = ctx.jobs.resume(ctx.workspace / "runs" / name)
+            return f"Resumed **{run.name}**."
+        except Exception as e:
+            return message(e)
+
+    resume_btn.click(on_resume, pick, message_box)
+
+    def on_delete(name):
+        if ctx.jobs.busy and ctx.jobs.run and ctx.jobs.run.name == name:
+            return "⚠️ That run is training; stop it first.", gr.skip(), gr.skip()
+        path = ctx.workspace / "runs" / (name or "")
+        if not name or not path.exists():
+            return "Pick a run first.", gr.skip(), gr.skip()
+        delete_run(RunDir(path))
+        rows, choices = refresh()
+        return f"Deleted {name}.", rows, choices
+
+    delete_btn.click(on_delete, pick, [history_msg, history, pick])
+    return {"keys": keys, "comps": comps}
