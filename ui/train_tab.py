@@ -193,7 +193,14 @@ def build(ctx, data):
         return history_rows(ctx.workspace), gr.update(choices=runs)
 
     refresh_btn.click(refresh, None, [history, pick])
-    timer.tick(lambda: history_rows(ctx.workspace), None, history, show_progress="hidden")
+    known = gr.State([])
+
+    def tick_history(names):
+        now = [r.name for r in list_runs(ctx.workspace)]
+        # choices change only when runs come or go, so an open dropdown is not disturbed
+        return history_rows(ctx.workspace), (gr.update(choices=now) if now != names else gr.skip()), now
+
+    timer.tick(tick_history, known, [history, pick, known], show_progress="hidden")
 
     def open_run(name):
         if not name or not (ctx.workspace / "runs" / name).exists():

@@ -1,0 +1,151 @@
+"""The whole workflow in a real browser (Debian's chromium driven by Playwright) against the real app.
+
+Load a folder → edit captions → train and watch loss and samples → stop → resume → refresh and
+re-attach → compare with the base model → export the zip. Screenshots of each tab go to
+docs/screenshots/ for the README.
+"""
+import re
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from app_server import ROOT, AppServer
+from trainer.data.demo import make_demo_dataset
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SHOTS = ROOT / "docs" / "screenshots"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (see .ci/run)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("ui") / "workspace"
+    s = AppServer(ws)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        yield b
+        b.close()
+
+
+def wait_for(fn, timeout=120, every=0.5, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def pick(page, elem_id, option_text):
+    page.click(f"#{elem_id} input")
+    page.get_by_role("option", name=re.compile(re.escape(option_text))).first.click()
+
+
+def set_number(page, elem_id, value):
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def progress(page):
+    el = page.locator("#run-progress")
+    if not el.count():
+        return "", 0
+    return el.get_attribute("data-state") or "", int(el.get_attribute("data-step") or 0)
+
+
+def test_full_workflow_in_a_browser(server, browser, tmp_path):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    data = make_demo_dataset(tmp_path / "my data", count=6, size=64)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(server.url)
+
+    # Dataset: type a folder path and load it.
+    page.fill("#dataset-source textarea, #dataset-source input", str(data))
+    page.click("#dataset-load")
+    wait_for(lambda: "6 images" in page.inner_text("#dataset-counts"), 60, what="dataset counts")
+    assert page.locator("#dataset-gallery img").count() >= 6
+    assert "no problems found" in page.inner_text("#dataset-problems")
+    page.screenshot(path=str(SHOTS / "dataset.png"), full_page=True)
+
+    # Caption: edit the first caption by hand, then put a trigger word in front of all.
+    page.get_by_role("tab", name="2 · Caption").click()
+    box = page.locator("#caption-text textarea")
+    wait_for(lambda: "lablora" in box.input_value(), 30, what="first caption")
+    box.fill("lablora, a big red circle, hand edited")
+    page.click("#caption-save")
+    wait_for(lambda: (data / "000.txt").read_text() == "lablora, a big red circle, hand edited", 30,
+             what="caption saved to its sidecar")
+    page.get_by_label("Put last").fill("simple shapes")
+    page.click("#caption-apply")
+    wait_for(lambda: "Changed 6 of 6" in page.inner_text("#caption-message"), 30, what="bulk edit")
+    assert (data / "003.txt").read_text().endswith(", simple shapes")
+    page.screenshot(path=str(SHOTS / "caption.png"), full_page=True)
+
+    # Train: the CPU demo preset, 40 steps, samples and checkpoints every 8.
+    page.get_by_role("tab", name="3 · Train").click()
+    pick(page, "train-preset", "cpu-demo")
+    wait_for(lambda: page.locator("#cfg-train-steps input[type=number]").input_value() == "60", 20, what="preset")
+    set_number(page, "cfg-train-steps", 40)
+    set_number(page, "cfg-save-every-n-steps", 8)
+    set_number(page, "cfg-sample-every-n-steps", 8)
+    page.locator("#cfg-name textarea, #cfg-name input").first.fill("browser run")
+    page.click("#train-start")
+    wait_for(lambda: "Started" in page.inner_text("#train-message"), 30, what="start")
+    wait_for(lambda: progress(page)[1] >= 10, 120, what="steps")
+    wait_for(lambda: page.locator("#loss-plot path").count() > 0, 30, what="loss points")
+    wait_for(lambda: page.locator("#train-samples img").count() >= 1, 60, what="a sample image")
+
+    page.click("#train-stop")
+    state, stopped_at = wait_for(lambda: progress(page) if progress(page)[0] == "stopped" else None, 60,
+                                 what="stopped state")
+    assert stopped_at < 40
+    run = server.workspace / "runs" / "browser-run"
+    assert (run / "checkpoints" / f"step-{stopped_at:06d}").exists()
+
+    # Resume from the history, then refresh the page mid-run: it re-attaches to the running job.
+    page.click("#history-pick input")
+    page.get_by_role("option", name="browser-run").click()
+    page.click("#history-resume")
+    wait_for(lambda: "Resumed" in page.inner_text("#train-message"), 30, what="resume")
+    wait_for(lambda: progress(page)[0] == "running" and progress(page)[1] > stopped_at, 60, what="running again")
+    page.reload()
+    page.get_by_role("tab", name="3 · Train").click()
+    wait_for(lambda: progress(page)[0] in ("running", "completed") and progress(page)[1] > stopped_at, 30,
+             what="re-attached progress")
+    wait_for(lambda: page.locator("#loss-plot path").count() > 0, 30, what="full loss history after refresh")
+    wait_for(lambda: progress(page)[0] == "completed", 180, what="completed run")
+    page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))
+
+    # Test: compare with the base model from the same seed, then export the zip.
+    page.get_by_role("tab", name="4 · Test").click()
+    page.get_by_role("button", name="Refresh lists").click()
+    time.sleep(1)
+    pick(page, "test-lora-0", "browser-run.safetensors")
+    page.fill("#test-prompts textarea", "lablora, a red circle")
+    page.click("#test-compare")
+    wait_for(lambda: page.locator("#test-gallery img").count() >= 2, 120, what="comparison images")
+    page.click("#test-export")
+    wait_for(lambda: "Exported" in page.inner_text("#test-message"), 60, what="export")
+    page.screenshot(path=str(SHOTS / "test.png"), full_page=True)
+    zips = list((server.workspace / "exports").glob("*.zip"))
+    assert len(zips) == 1
+    names = zipfile.ZipFile(zips[0]).namelist()
+    assert {"prompts.txt", "config.yaml", "loss.png", "lora/browser-run.safetensors", "settings.json"} <= set(names)
+    assert sum(n.startswith("images/") for n in names) == 2
