@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from app_server import ROOT, AppServer
+from tiny_captioners import make_tiny_blip
 from trainer.data.demo import make_demo_dataset
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -86,6 +87,14 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     page.get_by_role("tab", name="2 · Caption").click()
     box = page.locator("#caption-text textarea")
     wait_for(lambda: "lablora" in box.input_value(), 30, what="first caption")
+    blip = make_tiny_blip(tmp_path / "blip")
+    page.get_by_label("Or a downloaded model folder").fill(str(blip))
+    page.get_by_label("overwrite all").check()
+    page.get_by_label("Trigger word (put first)").fill("lablora")
+    page.click("#caption-auto")
+    wait_for(lambda: "Done: 6 captions written" in page.inner_text("#caption-message"), 60, what="auto captions")
+    assert page.locator("#caption-auto-log textarea").input_value().count("lablora") == 6
+    assert (data / "005.txt").read_text().startswith("lablora")
     box.fill("lablora, a big red circle, hand edited")
     page.click("#caption-save")
     wait_for(lambda: (data / "000.txt").read_text() == "lablora, a big red circle, hand edited", 30,

@@ -5,7 +5,7 @@ import gradio as gr
 
 from trainer.data.summary import bulk_edit, save_caption
 
-from .errors import guarded
+from .errors import guarded, message as error_message
 
 
 def build(ctx, data):
@@ -24,6 +24,16 @@ def build(ctx, data):
                 prev_btn = gr.Button("◀ Previous")
                 save_btn = gr.Button("Save", variant="primary", elem_id="caption-save")
                 next_btn = gr.Button("Save and next ▶", elem_id="caption-next")
+    with gr.Accordion("Caption automatically", open=True):
+        from trainer.captioning import CAPTIONERS
+
+        with gr.Row():
+            model = gr.Dropdown(list(CAPTIONERS), value=list(CAPTIONERS)[0], label="Captioner", scale=2)
+            model_path = gr.Textbox(label="Or a downloaded model folder", placeholder="optional", scale=2)
+            mode = gr.Radio(["fill missing", "overwrite all"], value="fill missing", label="Which images", scale=1)
+            trigger = gr.Textbox(label="Trigger word (put first)", scale=1)
+        auto_btn = gr.Button("Caption automatically", variant="primary", elem_id="caption-auto")
+        auto_log = gr.Textbox(label="New captions", lines=6, max_lines=12, elem_id="caption-auto-log")
     with gr.Accordion("Change all captions", open=True):
         with gr.Row():
             prefix = gr.Textbox(label="Put first (trigger word)", placeholder="sks")
@@ -65,6 +75,40 @@ def build(ctx, data):
             return "Load a dataset first."
         rows = [f"- `{it.caption}` → `{bulk_edit(it.caption, p, s, f, r, rm)}`" for it in ds.items[:5]]
         return "\n".join(rows)
+
+    def on_auto(ds, i, choice, path, how, trig, progress=gr.Progress()):
+        from trainer.captioning import CAPTIONERS, Captioner, caption_items
+
+        if ds is None:
+            yield "Load a dataset first.", gr.skip(), gr.skip(), gr.skip(), gr.skip(), ""
+            return
+        if ctx.jobs.busy:
+            yield ("⚠️ A training run is using the device. Caption when it has finished (or stop it).",
+                   gr.skip(), gr.skip(), gr.skip(), gr.skip(), "")
+            return
+        kind, model_id = CAPTIONERS[choice]
+        progress(0, desc=f"Loading {model_id}…")
+        try:
+            cap = Captioner(kind, str(ctx.user_path(path)) if path.strip() else model_id)
+        except Exception as e:
+            yield error_message(e), gr.skip(), gr.skip(), gr.skip(), gr.skip(), ""
+            return
+        lines: list[str] = []
+        try:
+            todo = [it for it in ds.items if how == "overwrite all" or not it.caption.strip()]
+            for n, it in enumerate(todo):
+                caption_items([it], cap, True, trig, lambda item, t: save_caption(item, t, captions_dir))
+                lines.append(f"{it.name}: {it.caption}")
+                progress((n + 1, len(todo)), desc="Captioning")
+                yield f"Captioned {n + 1} of {len(todo)}.", gr.skip(), gr.skip(), gr.skip(), gr.skip(), "\n".join(lines)
+        except Exception as e:
+            yield error_message(e), gr.skip(), gr.skip(), gr.skip(), gr.skip(), "\n".join(lines)
+            return
+        finally:
+            cap.close()  # the captioning model leaves memory
+        yield (f"Done: {len(lines)} captions written; the model was unloaded.", *show(ds, i), "\n".join(lines))
+
+    auto_btn.click(on_auto, [ds_state, index, model, model_path, mode, trigger], [message, *outs, auto_log])
 
     preview_btn.click(on_preview, [ds_state, prefix, suffix, find, replace, remove], preview)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from . import caption_tab, dataset_tab, test_tab, train_tab
+from . import api, caption_tab, dataset_tab, test_tab, train_tab
 
 CSS = """
 #run-progress p { margin: 4px 0; }
@@ -25,4 +25,5 @@ def build_app(ctx) -> gr.Blocks:
                 train_tab.build(ctx, data)
             with gr.Tab("4 · Test", id="test"):
                 test_tab.build(ctx)
+        api.build(ctx)
     return app

@@ -1,0 +1,63 @@
+"""The app's streaming and stop paths through gradio_client, against the real running app."""
+import json
+
+import pytest
+import yaml
+
+from app_server import AppServer
+from trainer.data.demo import make_demo_dataset
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = AppServer(tmp_path_factory.mktemp("api") / "workspace")
+    yield s
+    s.stop()
+
+
+def config(data, name, steps):
+    return yaml.safe_dump({
+        "name": name, "model": {"base": "tiny-demo"},
+        "dataset": {"source": str(data), "resolution": 64, "bucket_min_side": 32, "bucket_max_side": 128,
+                    "bucket_step": 16},
+        "network": {"rank": 4}, "train": {"steps": steps, "learning_rate": 1e-3, "device": "cpu"},
+        "save": {"every_n_steps": 5}})
+
+
+def test_watch_streams_progress_and_stop_leaves_a_resumable_run(server, tmp_path):
+    from gradio_client import Client
+
+    data = make_demo_dataset(tmp_path / "d", count=4, size=64)
+    client = Client(server.url, verbose=False)
+    name = client.predict(config(data, "api run", 500), api_name="/start_run")
+    assert name == "api-run"
+    job = client.submit(name, api_name="/watch")
+    seen = []
+    for update in job:
+        seen.append(update)
+        if update["step"] >= 8 and len(seen) > 1 and not any(s.get("stopping") for s in seen):
+            assert client.predict(api_name="/stop_run").startswith("Stopping")
+            seen[-1]["stopping"] = True
+    final = seen[-1]
+    assert final["state"] == "stopped" and 8 <= final["step"] < 500
+    steps = [s["step"] for s in seen]
+    assert steps == sorted(steps) and len(set(steps)) > 2  # it streamed, not one answer at the end
+    status = json.loads((server.workspace / "runs" / name / "status.json").read_text())
+    assert status["state"] == "stopped"
+    assert (server.workspace / "runs" / name / "checkpoints" / f"step-{final['step']:06d}").exists()
+
+
+def test_a_second_start_while_training_is_refused_with_a_reason(server, tmp_path):
+    from gradio_client import Client
+
+    data = make_demo_dataset(tmp_path / "d", count=4, size=64)
+    client = Client(server.url, verbose=False)
+    first = client.predict(config(data, "first", 300), api_name="/start_run")
+    with pytest.raises(Exception, match="already going"):
+        client.predict(config(data, "second", 5), api_name="/start_run")
+    client.predict(api_name="/stop_run")
+    for update in client.submit(first, api_name="/watch"):
+        pass
+    assert update["state"] == "stopped"
+    with pytest.raises(Exception, match="Unknown config key 'train.stepz'"):
+        client.predict("train: {stepz: 3}", api_name="/start_run")
