@@ -56,7 +56,7 @@ class JobManager:
         if e.kind == "step":
             self.latest = dict(e.data)
         elif e.kind == "status":
-            self.latest = {**self.latest, "state": e.data.get("state")}
+            self.latest = {**self.latest, "state": e.data.get("state"), "phase": e.data.get("message", "")}
 
     def _launch(self, cfg: Config, run: RunDir | None) -> RunDir:
         from .loop import run_job

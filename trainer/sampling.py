@@ -4,8 +4,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 from .errors import LoraLabError
 
 SCHEDULERS = {
@@ -46,11 +44,12 @@ def on_device(modules, device):
             m.to(d)
 
 
-@torch.no_grad()
 def generate(model, prompts: list[str], seed: int = 0, steps: int = 20, guidance_scale: float = 7.0,
              width: int = 0, height: int = 0, negative_prompt: str = "", scheduler: str = "euler_a",
              loras: list[tuple[Path, float]] | None = None, unet=None, device=None) -> list:
     """One PIL image per prompt, each from `seed`, with `loras` merged at their strengths."""
+    import torch
+
     from .lora_file import AppliedLoras
 
     prompts = [p for p in prompts if p.strip()]
@@ -67,7 +66,7 @@ def generate(model, prompts: list[str], seed: int = 0, steps: int = 20, guidance
     pipe = make_pipeline(model, unet=unet, scheduler=scheduler)
     images = []
     try:
-        with on_device([model.vae, *model.text_encoders], device):
+        with on_device([model.vae, *model.text_encoders], device), torch.no_grad():
             for p in prompts:
                 g = torch.Generator("cpu").manual_seed(int(seed))
                 latents = torch.randn((1, pipe.unet.config.in_channels, height // model.vae_scale,

@@ -56,6 +56,8 @@ def progress_html(st: dict, latest: dict) -> str:
         bits += [f"{latest['speed']:.2f} steps/s", f"ETA {fmt_eta(latest.get('eta'))}"]
     if latest.get("memory"):
         bits.append(f"GPU memory {latest['memory'] / 1024**3:.1f} GB")
+    if state == "running" and latest.get("phase") and not latest.get("speed"):
+        bits.append(latest["phase"])
     if st.get("last_loss") is not None:
         bits.append(f"loss {st['last_loss']:.4f}")
     msg = ""
