@@ -170,3 +170,10 @@ def test_hf_parquet_and_imagefolder_metadata(tmp_path):
     (folder / "metadata.jsonl").write_text("\n".join(lines))
     ds = load_dataset_source(str(folder))
     assert sorted(i.caption for i in ds.items) == ["thing 0", "thing 1", "thing 2"]
+
+
+def test_hub_dataset_offline_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LoraLabError, match="offline.*save_to_disk"):
+        load_dataset_source("someone/no-such-dataset")

@@ -1,0 +1,57 @@
+"""What the Test tab builds on: checkpoint LoRAs, the export bundle, the hub push without a network."""
+import zipfile
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_config
+from helpers import unet_output
+from trainer.bundle import export_bundle
+from trainer.checkpoint_lora import checkpoint_loras
+from trainer.errors import LoraLabError
+from trainer.lora_file import AppliedLoras
+from trainer.loop import run_job
+from trainer.models.load import load_base
+
+
+@pytest.fixture(scope="module")
+def finished_run(demo_dir, tmp_path_factory):
+    cfg = tiny_config(demo_dir, name="ck", **{"train.steps": 4, "save.every_n_steps": 2, "save.keep_last": 5,
+                                              "network.algorithm": "dora", "train.learning_rate": 1e-2})
+    return run_job(cfg, tmp_path_factory.mktemp("ws"))
+
+
+def test_every_checkpoint_becomes_a_lora_and_the_last_matches_the_final_file(finished_run):
+    files = checkpoint_loras(finished_run.path)
+    assert [s for s, _ in files] == [2, 4]
+    base = load_base("tiny-demo")
+    applied = AppliedLoras(base, [(files[-1][1], 1.0)])
+    from_checkpoint = unet_output(base.unet, base)
+    applied.remove()
+    AppliedLoras(base, [(finished_run.lora_path("ck"), 1.0)])
+    assert torch.allclose(from_checkpoint, unet_output(base.unet, base), atol=1e-5)
+
+
+def test_export_bundle_holds_what_a_lab_hands_in(finished_run, tmp_path):
+    imgs = [("00_base.png", Image.new("RGB", (8, 8))), ("01_lora.png", Image.new("RGB", (8, 8), "red"))]
+    out = export_bundle(tmp_path / "hand-in.zip", imgs, ["a prompt"], finished_run.lora_path("ck"),
+                        finished_run.path, {"seed": 1})
+    z = zipfile.ZipFile(out)
+    assert set(z.namelist()) == {"images/00_base.png", "images/01_lora.png", "prompts.txt", "settings.json",
+                                 "lora/ck.safetensors", "config.yaml", "loss.png", "metrics.jsonl"}
+    assert z.read("prompts.txt").decode() == "a prompt\n"
+    assert Image.open(z.open("loss.png")).size == (640, 360)
+
+
+def test_hub_push_offline_is_a_clear_message_and_the_token_goes_nowhere(finished_run, monkeypatch):
+    from trainer.hub import push_lora
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LoraLabError, match="offline|Could not reach"):
+        push_lora(finished_run.lora_path("ck"), "me/my-lora", "hf_secret_token_123", [])
+    for f in finished_run.path.rglob("*"):
+        if f.is_file():
+            assert b"hf_secret_token_123" not in f.read_bytes()
+    with pytest.raises(LoraLabError, match="you/name"):
+        push_lora(finished_run.lora_path("ck"), "not-a-repo", "t", [])
