@@ -17,6 +17,8 @@ def parse_args(argv=None):
     p.add_argument("--auth", help="user:password required to open the app")
     p.add_argument("--no-browser", action="store_true", help="don't open a browser tab")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt pickle checkpoints (trusted files only)")
+    p.add_argument("--space", action="store_true",
+                   help="Hugging Face Space mode (automatic on a Space): uploads only, a workspace per session, caps")
     return p.parse_args(argv)
 
 
@@ -29,17 +31,24 @@ def main(argv=None) -> int:
             print("error: --auth takes user:password", file=sys.stderr)
             return 2
         auth = tuple(a.auth.split(":", 1))
-    if (a.share or a.host not in ("127.0.0.1", "localhost", "::1")) and not auth:
+    if (a.share or a.host not in ("127.0.0.1", "localhost", "::1")) and not auth and not os.environ.get("SPACE_ID"):
         print("\n" + "!" * 72 + "\n  WARNING: LoRA Lab is reachable from other machines without a password.\n"
               "  Anyone who can reach it can read files and run training. Add --auth user:password.\n"
               + "!" * 72 + "\n", file=sys.stderr, flush=True)
     import gradio as gr
 
+    from ui import space
     from ui.context import AppContext
     from ui.shell import CSS, build_app
 
-    ctx = AppContext.create(a.workspace, a.models_dir, a.allow_pickle)
+    in_space = a.space or space.detected()
+    if in_space:
+        a.host = "0.0.0.0" if os.environ.get("SPACE_ID") else a.host
+        a.no_browser = True
+    ctx = AppContext.create(a.workspace, a.models_dir, a.allow_pickle, space=in_space)
     app = build_app(ctx)
+    if in_space:
+        space.scope_handlers(app)
     app.queue(default_concurrency_limit=4)
     app.launch(server_name=a.host, server_port=a.port, share=a.share, auth=auth, inbrowser=not a.no_browser,
                theme=gr.themes.Soft(), css=CSS, show_error=False, allowed_paths=[str(ctx.workspace)])

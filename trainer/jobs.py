@@ -58,18 +58,20 @@ class JobManager:
         elif e.kind == "status":
             self.latest = {**self.latest, "state": e.data.get("state"), "phase": e.data.get("message", "")}
 
-    def _launch(self, cfg: Config, run: RunDir | None) -> RunDir:
+    def _launch(self, cfg: Config, run: RunDir | None, workspace: Path | None = None) -> RunDir:
         from .loop import run_job
         from .runs import new_run
 
         with self.lock:
             if self.busy:
-                raise LoraLabError(f"A training run is already going ({self.run.name}).",
+                raise LoraLabError(f"A training run is already going ({self.run.name})."
+                                   if workspace is None or workspace in self.run.path.parents else
+                                   "Someone else's training run is using the device.",
                                    "Wait for it to finish, or stop it first: one run uses the device at a time.")
             self.control = Control()
             self.latest, self.error = {}, None
             if run is None:
-                run = new_run(self.workspace, cfg.name)
+                run = new_run(workspace or self.workspace, cfg.name)
                 cfg.write(run.config_path)
                 run.set_status("running", step=0, total_steps=cfg.train.steps, started=time.time(), pid=os.getpid())
             else:
@@ -78,7 +80,7 @@ class JobManager:
 
             def work():
                 try:  # a given run folder continues from its last checkpoint, if it has one
-                    run_job(cfg, self.workspace, self._on_event, self.control, run=run)
+                    run_job(cfg, run.path.parent.parent, self._on_event, self.control, run=run)
                 except LoraLabError as e:
                     self.error = str(e)
                 except Exception as e:  # the run folder already says failed, with the reason
@@ -88,8 +90,8 @@ class JobManager:
             self.thread.start()
             return run
 
-    def start(self, cfg: Config) -> RunDir:
-        return self._launch(cfg, None)
+    def start(self, cfg: Config, workspace: Path | None = None) -> RunDir:
+        return self._launch(cfg, None, workspace)
 
     def resume(self, run_path: Path) -> RunDir:
         from .config import load

@@ -23,7 +23,8 @@ def build(ctx):
             cfg = config_from_dict(data)
             cfg.dataset.source = ctx.dataset_source(cfg.dataset.source)
             cfg.model.allow_pickle = ctx.allow_pickle
-            return ctx.jobs.start(cfg).name
+            ctx.check_start(cfg)
+            return ctx.jobs.start(cfg, ctx.workspace).name
         except LoraLabError as e:
             raise gr.Error(str(e))
 
@@ -43,8 +44,8 @@ def build(ctx):
 
     def stop_run() -> str:
         """Ask the running job to stop after its current step (it leaves a resumable checkpoint)."""
-        if not ctx.jobs.busy:
-            return "No run is going."
+        if not ctx.jobs.busy or not ctx.owns(ctx.jobs.run):
+            return "No run of yours is going."
         ctx.jobs.stop()
         return f"Stopping {ctx.jobs.run.name}."
 

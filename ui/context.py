@@ -10,25 +10,68 @@ from trainer.jobs import JobManager
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
 
 
+SUBDIRS = ("runs", "datasets", "models", "loras", "exports")
+SESSION_DAYS = 2
+
+
+def _forget_old_sessions(root: Path) -> None:
+    """Space visitors' folders are kept for a couple of days, then removed at the next start."""
+    import shutil
+    import time
+
+    if root.is_dir():
+        for d in root.iterdir():
+            if time.time() - d.stat().st_mtime > SESSION_DAYS * 86400:
+                shutil.rmtree(d, ignore_errors=True)
+
+
 @dataclass
 class AppContext:
-    workspace: Path
+    root: Path
     jobs: JobManager
     model_dirs: list[Path] = field(default_factory=list)
     allow_pickle: bool = False
+    space: bool = False  # Hugging Face Space mode: uploads only, a workspace per session, caps
     models: dict = field(default_factory=dict)  # one loaded base model for the test tab
 
     @classmethod
-    def create(cls, workspace: Path, extra_model_dir: str | None = None, allow_pickle: bool = False):
+    def create(cls, workspace: Path, extra_model_dir: str | None = None, allow_pickle: bool = False,
+               space: bool = False):
         ws = Path(workspace).resolve()
-        for sub in ("runs", "datasets", "models", "loras", "exports"):
+        for sub in SUBDIRS:
             (ws / sub).mkdir(parents=True, exist_ok=True)
         dirs = [ws / "models"] + ([Path(extra_model_dir).expanduser().resolve()] if extra_model_dir else [])
-        return cls(workspace=ws, jobs=JobManager(ws), model_dirs=dirs, allow_pickle=allow_pickle)
+        if space:
+            _forget_old_sessions(ws / "sessions")
+        return cls(root=ws, jobs=JobManager(ws), model_dirs=dirs, allow_pickle=allow_pickle and not space,
+                   space=space)
+
+    @property
+    def workspace(self) -> Path:
+        """The workspace of whoever is asking: in Space mode, the visitor's own folder."""
+        from .space import visitor
+
+        who = visitor.get() if self.space else None
+        if not who:
+            return self.root
+        from trainer.runs import safe_name
+
+        ws = self.root / "sessions" / safe_name(who)
+        if not ws.exists():
+            for sub in SUBDIRS:
+                (ws / sub).mkdir(parents=True, exist_ok=True)
+        return ws
+
+    def owns(self, run) -> bool:
+        return run is not None and self.workspace in run.path.parents
 
     def base_models(self) -> list[str]:
         """Models a user can pick: tiny demos, files and diffusers folders in the model folders."""
         found = ["tiny-demo", "tiny-demo-xl"]
+        if self.space:
+            import os
+
+            return found + [m for m in os.environ.get("LORA_LAB_SPACE_MODELS", "").split(",") if m.strip()]
         for d in self.model_dirs:
             if not d.is_dir():
                 continue
@@ -58,6 +101,9 @@ class AppContext:
         if not p.is_absolute():
             p = self.workspace / p
         p = p.resolve()
+        if self.space and self.workspace.resolve() not in (p, *p.parents):
+            raise LoraLabError("This is a shared demo: folders on the server are not available.",
+                               "Upload your images (or a zip) in the Dataset tab instead.")
         if must_exist and not p.exists():
             raise LoraLabError(f"{text} does not exist.", "Check the path (it is on the machine running LoRA Lab).")
         return p
@@ -65,9 +111,29 @@ class AppContext:
     def dataset_source(self, text: str) -> str:
         """A hub dataset id as it is; anything else a checked local path."""
         t = (text or "").strip()
-        if t.count("/") == 1 and not t.startswith((".", "/", "~")) and not (self.workspace / t).exists():
+        if not self.space and t.count("/") == 1 and not t.startswith((".", "/", "~")) and not (self.workspace / t).exists():
             return t
         return str(self.user_path(t))
+
+    def check_start(self, cfg) -> None:
+        """Space-mode caps, checked before a run starts."""
+        if not self.space:
+            return
+        from .space import MAX_IMAGES, MAX_STEPS
+
+        if cfg.model.base not in self.base_models():
+            raise LoraLabError(f"The demo offers only these models: {', '.join(self.base_models())}.",
+                               "Pick one of them, or install LoRA Lab on your own machine for any model.")
+        if cfg.train.steps > MAX_STEPS:
+            raise LoraLabError(f"This demo allows at most {MAX_STEPS} steps (asked: {cfg.train.steps}).",
+                               f"Set steps to {MAX_STEPS} or fewer.")
+        from trainer.data.images import IMAGE_EXTS
+
+        source = Path(cfg.dataset.source)
+        images = [p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTS] if source.is_dir() else []
+        if len(images) > MAX_IMAGES:
+            raise LoraLabError(f"This demo trains on at most {MAX_IMAGES} images (the dataset has {len(images)}).",
+                               "Upload fewer images.")
 
     def load_model(self, spec: str):
         """The base model for generation, kept loaded while the same one is asked for."""

@@ -14,8 +14,16 @@ footer { display: none !important; }
 
 def build_app(ctx) -> gr.Blocks:
     with gr.Blocks(title="LoRA Lab") as app:
-        gr.Markdown(f"# LoRA Lab\nTrain LoRA adapters for Stable Diffusion and try them right away. "
-                    f"Workspace: `{ctx.workspace}`")
+        if ctx.space:
+            from .space import MAX_IMAGES, MAX_STEPS
+
+            gr.Markdown(f"# LoRA Lab — demo\nTrain a LoRA in your browser and try it. This shared demo takes "
+                        f"**uploaded images only** (at most {MAX_IMAGES}), the built-in demo models, and at most "
+                        f"{MAX_STEPS} steps. Your files and runs are visible only to this browser session: download "
+                        "your results (run history, export zip) or push them to your own Hugging Face account.")
+        else:
+            gr.Markdown(f"# LoRA Lab\nTrain LoRA adapters for Stable Diffusion and try them right away. "
+                        f"Workspace: `{ctx.workspace}`")
         with gr.Tabs():
             with gr.Tab("1 · Dataset", id="dataset"):
                 data = dataset_tab.build(ctx)

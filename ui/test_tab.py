@@ -10,6 +10,7 @@ import gradio as gr
 from trainer.errors import LoraLabError
 from trainer.sampling import SCHEDULERS
 
+from . import space
 from .errors import guarded
 
 SLOTS = 3
@@ -70,10 +71,12 @@ def build(ctx):
         model = ctx.load_model(spec)
         return _generate(model, text.splitlines(), neg, sd, st, g, w, h, sch, loras)
 
-    def _generate(model, lines, neg, sd, st, g, w, h, sch, loras):
+    def _generate_now(model, lines, neg, sd, st, g, w, h, sch, loras):
         from trainer.sampling import generate
 
         return generate(model, lines, int(sd), int(st), float(g), int(w or 0), int(h or 0), neg, sch, loras=loras)
+
+    _generate = space.gpu(_generate_now)  # on ZeroGPU hardware the call asks for the GPU
 
     def pack(pairs):
         return "", [(img, cap) for img, cap in pairs], pairs

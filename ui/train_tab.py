@@ -159,20 +159,30 @@ def build(ctx, data):
             return "⚠️ No dataset: load one in the Dataset tab first.", gr.skip()
         cfg.dataset.source = ctx.dataset_source(cfg.dataset.source)
         cfg.model.allow_pickle = ctx.allow_pickle
-        run = ctx.jobs.start(cfg)
+        ctx.check_start(cfg)
+        run = ctx.jobs.start(cfg, ctx.workspace)
         return f"Started **{run.name}**.", history_rows(ctx.workspace)
 
     history = gr.Dataframe(headers=["run", "state", "steps", "last loss", "started"], label="Runs",
                            interactive=False, elem_id="run-history", value=lambda: history_rows(ctx.workspace))
     start_btn.click(on_start, [*fields, *ds_inputs], [message_box, history])
 
-    stop_btn.click(lambda: (ctx.jobs.stop(), "Stopping after this step…")[1], None, message_box)
-    save_btn.click(lambda: (ctx.jobs.save_now(), "A checkpoint will be saved after this step.")[1], None, message_box)
-    sample_btn.click(lambda: (ctx.jobs.sample_now(), "Samples will be made after this step.")[1], None, message_box)
+    def command(action, said):
+        def handler():
+            if not ctx.jobs.busy or not ctx.owns(ctx.jobs.run):
+                return "No run of yours is going."
+            action()
+            return said
+        return handler
+
+    stop_btn.click(command(ctx.jobs.stop, "Stopping after this step…"), None, message_box)
+    save_btn.click(command(ctx.jobs.save_now, "A checkpoint will be saved after this step."), None, message_box)
+    sample_btn.click(command(ctx.jobs.sample_now, "Samples will be made after this step."), None, message_box)
 
     def tick():
-        run = ctx.jobs.run or next(iter(list_runs(ctx.workspace)), None)
-        return run_view(run, ctx.jobs.latest)
+        mine = ctx.owns(ctx.jobs.run)
+        run = ctx.jobs.run if mine else next(iter(list_runs(ctx.workspace)), None)
+        return run_view(run, ctx.jobs.latest if mine else {})
 
     timer.tick(tick, None, [progress, loss_plot, lr_plot, log, samples], show_progress="hidden")
 
