@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def parse_args(argv=None):
@@ -17,6 +18,9 @@ def parse_args(argv=None):
     p.add_argument("--auth", help="user:password required to open the app")
     p.add_argument("--no-browser", action="store_true", help="don't open a browser tab")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt pickle checkpoints (trusted files only)")
+    p.add_argument("--data-dir", action="append", default=None,
+                   help="a folder the app may read datasets and models from (repeatable); default: your home "
+                        "folder on a local launch, none when shared")
     p.add_argument("--space", action="store_true",
                    help="Hugging Face Space mode (automatic on a Space): uploads only, a workspace per session, caps")
     return p.parse_args(argv)
@@ -45,7 +49,9 @@ def main(argv=None) -> int:
     if in_space:
         a.host = "0.0.0.0" if os.environ.get("SPACE_ID") else a.host
         a.no_browser = True
-    ctx = AppContext.create(a.workspace, a.models_dir, a.allow_pickle, space=in_space)
+    local = not a.share and a.host in ("127.0.0.1", "localhost", "::1")
+    data_dirs = a.data_dir if a.data_dir is not None else ([str(Path.home())] if local else [])
+    ctx = AppContext.create(a.workspace, a.models_dir, a.allow_pickle, space=in_space, data_dirs=data_dirs)
     app = build_app(ctx)
     if in_space:
         space.scope_handlers(app)

@@ -10,7 +10,7 @@ from trainer.data.demo import make_demo_dataset
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = AppServer(tmp_path_factory.mktemp("api") / "workspace")
+    s = AppServer(tmp_path_factory.mktemp("api") / "workspace", "--data-dir", str(tmp_path_factory.getbasetemp()))
     yield s
     s.stop()
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debia
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ws = tmp_path_factory.mktemp("ui") / "workspace"
-    s = AppServer(ws)
+    s = AppServer(ws, "--data-dir", str(tmp_path_factory.getbasetemp()))
     yield s
     s.stop()
 

@@ -5,6 +5,7 @@ add noise, predict it, step; report, save and sample on schedule; honour stop wi
 """
 from __future__ import annotations
 
+import errno
 import math
 import random
 import time
@@ -316,6 +317,12 @@ def run_job(cfg: Config, workspace: Path, callback: Callback | None = None, cont
         advice = oom_advice(cfg)
         fail("Out of accelerator memory.", advice)
         raise LoraLabError("Out of accelerator memory.", advice)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        fail("The disk is full.", "Free some space (old runs, the cache folder), then resume: the last complete "
+             "checkpoint is intact.")
+        raise LoraLabError("The disk is full.", "Free some space, then resume the run.")
     except KeyboardInterrupt:
         fail("Interrupted.", "Resume the run to continue from its last checkpoint.")
         raise

@@ -61,7 +61,7 @@ class RunDir:
     def set_status(self, state: str, **extra) -> dict:
         assert state in STATES, state
         data = {**self.status(), **extra, "state": state, "updated": time.time()}
-        if state != "failed":
+        if state not in ("failed", "interrupted"):
             data.pop("error", None)
             data.pop("advice", None)
         write_json_atomic(self.status_path, data)

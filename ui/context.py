@@ -32,19 +32,26 @@ class AppContext:
     model_dirs: list[Path] = field(default_factory=list)
     allow_pickle: bool = False
     space: bool = False  # Hugging Face Space mode: uploads only, a workspace per session, caps
+    data_dirs: list[Path] = field(default_factory=list)  # folders the UI may read besides the workspace
     models: dict = field(default_factory=dict)  # one loaded base model for the test tab
 
     @classmethod
     def create(cls, workspace: Path, extra_model_dir: str | None = None, allow_pickle: bool = False,
-               space: bool = False):
+               space: bool = False, data_dirs: list[str] | None = None):
         ws = Path(workspace).resolve()
         for sub in SUBDIRS:
             (ws / sub).mkdir(parents=True, exist_ok=True)
         dirs = [ws / "models"] + ([Path(extra_model_dir).expanduser().resolve()] if extra_model_dir else [])
         if space:
             _forget_old_sessions(ws / "sessions")
+        data = [] if space else [Path(d).expanduser().resolve() for d in (data_dirs or [])]
         return cls(root=ws, jobs=JobManager(ws), model_dirs=dirs, allow_pickle=allow_pickle and not space,
-                   space=space)
+                   space=space, data_dirs=data)
+
+    def allowed_roots(self) -> list[Path]:
+        if self.space:
+            return [self.workspace.resolve()]
+        return [self.root, *self.model_dirs, *self.data_dirs]
 
     @property
     def workspace(self) -> Path:
@@ -101,9 +108,14 @@ class AppContext:
         if not p.is_absolute():
             p = self.workspace / p
         p = p.resolve()
-        if self.space and self.workspace.resolve() not in (p, *p.parents):
-            raise LoraLabError("This is a shared demo: folders on the server are not available.",
-                               "Upload your images (or a zip) in the Dataset tab instead.")
+        # resolve() has followed every symlink and '..', so this also stops escapes through links.
+        if not any(root == p or root in p.parents for root in self.allowed_roots()):
+            if self.space:
+                raise LoraLabError("This is a shared demo: folders on the server are not available.",
+                                   "Upload your images (or a zip) in the Dataset tab instead.")
+            raise LoraLabError(f"{text} is outside the folders LoRA Lab may use.",
+                               "Put it in the workspace, or start the app with --data-dir pointing at its folder "
+                               f"(allowed now: {', '.join(map(str, self.allowed_roots()))}).")
         if must_exist and not p.exists():
             raise LoraLabError(f"{text} does not exist.", "Check the path (it is on the machine running LoRA Lab).")
         return p

@@ -1,0 +1,123 @@
+"""Faults: a killed process, a crash or a full disk mid-save, NaN, out of memory, an app restart.
+
+At most one save interval of work is lost, and never a finished file.
+"""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from trainer.checkpoint import latest_checkpoint
+from trainer.errors import LoraLabError
+from trainer.jobs import JobManager
+from trainer.loop import Job, run_job
+from trainer.runs import RunDir, new_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVER = {"train.steps": 24, "save.every_n_steps": 5}
+
+
+def losses(run):
+    return [r["loss"] for r in run.metrics()]
+
+
+def test_sigkill_mid_training_then_resume_continues_the_same_curve(demo_dir, tmp_path):
+    cfg = tiny_config(demo_dir, name="killed", **OVER)
+    cfg.write(tmp_path / "c.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", "--config", str(tmp_path / "c.yaml"),
+                             "--workspace", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    run = RunDir(tmp_path / "runs" / "killed")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run.checkpoints_dir / "step-000010").exists():
+        time.sleep(0.1)
+    time.sleep(0.6)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(r["step"] for r in run.metrics())
+    kept = int(latest_checkpoint(run.checkpoints_dir).name.split("-")[1])
+    assert run.status()["state"] == "running"  # it never got to say anything else
+    assert killed_at - kept < OVER["save.every_n_steps"]  # at most one save interval lost
+    r = subprocess.run([sys.executable, "-m", "trainer", "resume", str(run.path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert [row["step"] for row in run.metrics()] == list(range(1, 25))
+    whole = run_job(tiny_config(demo_dir, name="whole", **OVER), tmp_path)
+    assert losses(run) == pytest.approx(losses(whole), abs=1e-5)
+    assert run.lora_path("killed").exists()
+
+
+@pytest.mark.parametrize("fault", ["crash", "disk full"])
+def test_a_fault_during_a_checkpoint_write_keeps_the_previous_checkpoint(fault, demo_dir, tmp_path, monkeypatch):
+    import trainer.checkpoint as ck
+
+    real_save, calls = ck.torch.save, {"n": 0}
+
+    def failing_save(obj, path):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: write half a file, then fail
+            with open(path, "wb") as f:
+                f.write(b"half a checkpoint")
+            if fault == "disk full":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise RuntimeError("simulated crash mid-write")
+        return real_save(obj, path)
+
+    monkeypatch.setattr(ck.torch, "save", failing_save)
+    with pytest.raises((LoraLabError, RuntimeError)):
+        run_job(tiny_config(demo_dir, name="fault", **OVER), tmp_path)
+    run = RunDir(tmp_path / "runs" / "fault")
+    st = run.status()
+    assert st["state"] == "failed"
+    if fault == "disk full":
+        assert st["error"] == "The disk is full." and "resume" in st["advice"]
+    assert latest_checkpoint(run.checkpoints_dir).name == "step-000005"
+    assert not list(run.checkpoints_dir.glob("*.tmp"))
+    monkeypatch.setattr(ck.torch, "save", real_save)
+    run_job(tiny_config(demo_dir, name="fault", **OVER), tmp_path, run=run)
+    assert run.status()["state"] == "completed" and [r["step"] for r in run.metrics()] == list(range(1, 25))
+
+
+def test_out_of_memory_fails_with_advice_for_the_settings_and_the_manager_keeps_going(demo_dir, tmp_path,
+                                                                                       monkeypatch):
+    real = Job.micro_step
+
+    def oom(self, *args):
+        if self.run.name == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *args)
+
+    monkeypatch.setattr(Job, "micro_step", oom)
+    jobs = JobManager(tmp_path)
+    jobs.start(tiny_config(demo_dir, name="oom", **{"train.batch_size": 2}))
+    jobs.wait(120)
+    st = RunDir(tmp_path / "runs" / "oom").status()
+    assert st["state"] == "failed" and "Out of accelerator memory" in st["error"]
+    assert "train.batch_size (now 2)" in st["advice"] and "gradient_checkpointing" in st["advice"]
+    assert "adamw8bit" in st["advice"]
+    jobs.start(tiny_config(demo_dir, name="after", **{"train.steps": 2}))
+    jobs.wait(120)
+    assert RunDir(tmp_path / "runs" / "after").status()["state"] == "completed"
+
+
+def test_runs_left_running_by_a_dead_process_show_as_interrupted_with_resume(tmp_path):
+    run = new_run(tmp_path, "orphan")
+    (run.path / "config.yaml").write_text("name: orphan\n")
+    run.set_status("running", step=7, total_steps=20, pid=2**22 + 12345)  # no such process
+    JobManager(tmp_path)  # what the app does at start
+    st = json.loads(run.status_path.read_text())
+    assert st["state"] == "interrupted" and "Resume" in st["advice"] and st["step"] == 7
+
+
+def test_training_goes_on_with_nobody_watching(demo_dir, tmp_path):
+    jobs = JobManager(tmp_path)
+    run = jobs.start(tiny_config(demo_dir, name="alone", **{"train.steps": 6}))
+    jobs.wait(120)
+    assert run.status()["state"] == "completed" and run.lora_path("alone").exists()

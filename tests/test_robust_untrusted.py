@@ -1,0 +1,50 @@
+"""Untrusted users: paths stay inside the allowed folders, names are sanitized, warnings are loud."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from app_server import ROOT, free_port
+from trainer.errors import LoraLabError
+from trainer.runs import new_run, safe_name
+from ui.context import AppContext
+
+
+def test_paths_are_confined_to_the_workspace_and_configured_folders(tmp_path):
+    allowed = tmp_path / "data"
+    (allowed / "set").mkdir(parents=True)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    ctx = AppContext.create(tmp_path / "ws", data_dirs=[str(allowed)])
+    assert ctx.user_path(str(allowed / "set")) == (allowed / "set").resolve()
+    assert ctx.user_path("datasets") == (tmp_path / "ws" / "datasets").resolve()
+    for bad in [str(secret), str(allowed / ".." / "secret"), "../../secret", "/etc"]:
+        with pytest.raises(LoraLabError, match="outside the folders"):
+            ctx.user_path(bad)
+    (allowed / "link").symlink_to(secret)
+    with pytest.raises(LoraLabError, match="outside the folders"):
+        ctx.user_path(str(allowed / "link"))
+
+
+@pytest.mark.parametrize("name, expect", [("../../etc/passwd", "etc-passwd"), ("my run", "my-run"),
+                                          ("ça/va?", "a-va"), ("", "lora"), ("..", "lora")])
+def test_run_names_are_sanitized(name, expect, tmp_path):
+    assert safe_name(name) == expect
+    run = new_run(tmp_path, name)
+    assert run.path.parent == tmp_path / "runs"
+
+
+def test_sharing_without_auth_prints_a_prominent_warning(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--no-browser", "--host", "0.0.0.0", "--port",
+                             str(port), "--workspace", str(tmp_path / "ws")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    try:
+        time.sleep(3)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert "WARNING: LoRA Lab is reachable from other machines without a password" in err
+    assert "--auth user:password" in err
