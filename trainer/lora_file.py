@@ -92,24 +92,37 @@ class AppliedLoras:
     def __init__(self, model, loras: list[tuple[Path, float]]):
         self.model = model
         self.saved: dict[str, torch.Tensor] = {}
-        modules = _module_map(model)
-        for path, strength in loras:
-            tensors, meta = read_lora(path)
-            groups = _group(tensors)
-            matched = [g for g in groups if g in modules]
-            if len(matched) < max(1, len(groups) // 2):
-                made_for = FAMILY_OF_VERSION.get(meta.get("ss_base_model_version", ""), "another model")
-                raise LoraLabError(
-                    f"{Path(path).name} does not fit this {model.family} base model "
-                    f"({len(matched)} of {len(groups)} layers match; it was made for {made_for}).",
-                    f"Pick a {model.family} LoRA, or the base model family the LoRA was trained on.")
-            for name in matched:
-                mod = modules[name]
-                if name not in self.saved:
-                    self.saved[name] = mod.weight.data.clone()
-                delta = delta_weight(groups[name], mod.weight.data)
-                mod.weight.data = (mod.weight.data.float() + strength * delta.to(mod.weight.device)).to(mod.weight.dtype)
-        self._modules = modules
+        self._modules = modules = _module_map(model)
+        try:
+            for path, strength in loras:
+                self._apply(path, strength)
+        except BaseException:
+            self.remove()  # a refused second file must not leave the first merged
+            raise
+
+    def _apply(self, path: Path, strength: float) -> None:
+        modules = self._modules
+        model = self.model
+        tensors, meta = read_lora(path)
+        groups = _group(tensors)
+        matched = [g for g in groups if g in modules]
+        deltas = {}
+        for name in matched:
+            try:
+                deltas[name] = delta_weight(groups[name], modules[name].weight.data)
+            except RuntimeError:  # a layer of the same name but another shape: another family
+                pass
+        if len(deltas) < max(1, len(groups) // 2) or len(deltas) < len(matched):
+            made_for = FAMILY_OF_VERSION.get(meta.get("ss_base_model_version", ""), "another model")
+            raise LoraLabError(
+                f"{Path(path).name} does not fit this {model.family} base model "
+                f"({len(deltas)} of {len(groups)} layers fit; it was made for {made_for}).",
+                f"Pick a {model.family} LoRA, or the base model family the LoRA was trained on.")
+        for name, delta in deltas.items():
+            mod = modules[name]
+            if name not in self.saved:
+                self.saved[name] = mod.weight.data.clone()
+            mod.weight.data = (mod.weight.data.float() + strength * delta.to(mod.weight.device)).to(mod.weight.dtype)
 
     def remove(self) -> None:
         for name, w in self.saved.items():
