@@ -29,7 +29,7 @@ class AppServer:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=open(self.log, "w"),
                                      stderr=subprocess.STDOUT)
         self.started = time.time()
-        self.wait_up()
+        self.ready_after = self.wait_up()
 
     def wait_up(self, timeout: float = 90) -> float:
         deadline = time.time() + timeout

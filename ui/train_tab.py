@@ -17,6 +17,17 @@ STATE_COLOR = {"running": "#16a34a", "completed": "#4f46e5", "stopped": "#d97706
                "interrupted": "#d97706"}
 
 
+MAX_POINTS = 400
+
+
+def thin(rows: list[dict]) -> list[dict]:
+    """At most MAX_POINTS rows (always keeping the last), so long runs don't flood the browser."""
+    if len(rows) <= MAX_POINTS:
+        return rows
+    every = -(-len(rows) // MAX_POINTS)
+    return rows[::every] + ([rows[-1]] if (len(rows) - 1) % every else [])
+
+
 def loss_frame(rows: list[dict]):
     import pandas as pd
 
@@ -28,6 +39,9 @@ def loss_frame(rows: list[dict]):
     for v in raw:
         ema = 0.9 * ema + 0.1 * v
         smooth.append(ema)
+    keep = {r["step"] for r in thin(rows)}
+    pts = [(st, r, sm) for st, r, sm in zip(steps, raw, smooth) if st in keep]
+    steps, raw, smooth = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
     return pd.DataFrame({"step": steps * 2, "loss": raw + smooth, "series": ["raw"] * len(raw) + ["smoothed"] * len(raw)})
 
 
@@ -36,6 +50,7 @@ def lr_frame(rows: list[dict]):
 
     if not rows:
         return None
+    rows = thin(rows)
     return pd.DataFrame({"step": [r["step"] for r in rows], "lr": [r.get("lr", 0.0) for r in rows]})
 
 
@@ -115,7 +130,7 @@ def build(ctx, data):
     with gr.Row():
         samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="train-samples")
         log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, elem_id="train-log")
-    timer = gr.Timer(1.0)
+    timer = gr.Timer(2.0)
 
     def dataset_values(src, split, ic, cc):
         return {"source": src or "", "split": split or "train", "image_column": ic or "image",
@@ -179,12 +194,18 @@ def build(ctx, data):
     save_btn.click(command(ctx.jobs.save_now, "A checkpoint will be saved after this step."), None, message_box)
     sample_btn.click(command(ctx.jobs.sample_now, "Samples will be made after this step."), None, message_box)
 
-    def tick():
+    shown = gr.State(None)
+
+    def tick(last):
         mine = ctx.owns(ctx.jobs.run)
         run = ctx.jobs.run if mine else next(iter(list_runs(ctx.workspace)), None)
-        return run_view(run, ctx.jobs.latest if mine else {})
+        st = run.status() if run else {}
+        key = (run.name if run else None, st.get("updated"), len(run.samples()) if run else 0)
+        if key == last:  # nothing new: send nothing, so neither the server nor the browser redraws
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), last
+        return (*run_view(run, ctx.jobs.latest if mine else {}), key)
 
-    timer.tick(tick, None, [progress, loss_plot, lr_plot, log, samples], show_progress="hidden")
+    timer.tick(tick, shown, [progress, loss_plot, lr_plot, log, samples, shown], show_progress="hidden")
 
     with gr.Accordion("Run history", open=True):
         with gr.Row():
@@ -205,14 +226,18 @@ def build(ctx, data):
         return history_rows(ctx.workspace), gr.update(choices=runs)
 
     refresh_btn.click(refresh, None, [history, pick])
-    known = gr.State([])
+    known = gr.State(None)
 
-    def tick_history(names):
-        now = [r.name for r in list_runs(ctx.workspace)]
+    def tick_history(last):
+        rows = history_rows(ctx.workspace)
+        names = [r[0] for r in rows]
+        if last is not None and rows == last[1]:
+            return gr.skip(), gr.skip(), last
         # choices change only when runs come or go, so an open dropdown is not disturbed
-        return history_rows(ctx.workspace), (gr.update(choices=now) if now != names else gr.skip()), now
+        return rows, (gr.update(choices=names) if last is None or names != last[0] else gr.skip()), (names, rows)
 
-    timer.tick(tick_history, known, [history, pick, known], show_progress="hidden")
+    slow_timer = gr.Timer(3.0)
+    slow_timer.tick(tick_history, known, [history, pick, known], show_progress="hidden")
 
     def open_run(name):
         if not name or not (ctx.workspace / "runs" / name).exists():

@@ -1,0 +1,104 @@
+"""Benchmark 2: training speed while a browser watches the live Train tab, against the same run with
+no page open and against the headless CLI (target: under 3% slower).
+Run: .venv/bin/python tests/bench/bench_app_overhead.py [--steps N]"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, report
+
+sys.path.insert(0, str(ROOT / "tests"))
+from app_server import AppServer  # noqa: E402
+
+
+def config(data: Path, name: str, steps: int) -> str:
+    return (f"name: {name}\nmodel: {{base: tiny-demo}}\ndataset: {{source: '{data}', resolution: 64, bucketing: false}}\n"
+            f"network: {{rank: 4}}\ntrain: {{steps: {steps}, device: cpu, mixed_precision: fp32}}\n"
+            f"save: {{every_n_steps: 0}}\n")
+
+
+def speed(metrics: Path, skip: int = 5) -> float:
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()][skip:]
+    return (len(rows) - 1) / (rows[-1]["time"] - rows[0]["time"])
+
+
+def cpu_seconds(pids) -> float:
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def browser_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["name"]) if "chrom" in (p.info["name"] or "")]
+
+
+def in_app(data: Path, steps: int, watch: bool, cpu: dict) -> float:
+    from gradio_client import Client
+    from playwright.sync_api import sync_playwright
+
+    tmp = Path(tempfile.mkdtemp())
+    s = AppServer(tmp / "ws", "--data-dir", str(data.parent))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
+            if watch:
+                page = browser.new_page()
+                page.goto(s.url)
+                page.get_by_role("tab", name="3 · Train").click()
+            name = Client(s.url, verbose=False).predict(config(data, "bench", steps), api_name="/start_run")
+            run = s.workspace / "runs" / name
+            b0, t0 = cpu_seconds(browser_pids()), time.time()
+            while json.loads((run / "status.json").read_text()).get("state") == "running":
+                time.sleep(0.5)
+            cpu.setdefault("browser_cpu_share_of_2_cores", []).append(
+                round((cpu_seconds(browser_pids()) - b0) / (time.time() - t0) / 2, 3))
+            browser.close()
+        return speed(run / "metrics.jsonl")
+    finally:
+        s.stop()
+
+
+def headless(data: Path, steps: int) -> float:
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "c.yaml").write_text(config(data, "cli", steps))
+    subprocess.run([sys.executable, "-m", "trainer", "train", "--config", str(tmp / "c.yaml"), "--workspace",
+                    str(tmp)], cwd=ROOT, check=True, capture_output=True)
+    return speed(tmp / "runs" / "cli" / "metrics.jsonl")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--repeats", type=int, default=2)
+    a = ap.parse_args()
+    from trainer.data.demo import make_demo_dataset
+
+    data = make_demo_dataset(Path(tempfile.mkdtemp()) / "data", count=8, size=64)
+    res = {"headless CLI": [], "app, no page open": [], "app, browser watching": []}
+    cpu: dict = {}
+    for _ in range(a.repeats):
+        res["headless CLI"].append(headless(data, a.steps))
+        res["app, no page open"].append(in_app(data, a.steps, False, {}))
+        res["app, browser watching"].append(in_app(data, a.steps, True, cpu))
+    best = {k: max(v) for k, v in res.items()}
+    base = best["headless CLI"]
+    rows = [{"variant": k, "steps/s": f"{v:.2f}", "vs headless": f"{(v / base - 1) * 100:+.1f}%"} for k, v in best.items()]
+    report("app_overhead", rows, {"steps": a.steps, "watching_cost_pct": round((1 - best["app, browser watching"] / base) * 100, 1),
+                                  "all": res, **cpu})
+
+
+if __name__ == "__main__":
+    main()
