@@ -55,6 +55,10 @@ def cmd_resume(a) -> int:
 
 
 def _report(run) -> int:
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0  # under accelerate launch, the main process reports for all
     st = run.status()
     if st.get("state") == "completed":
         print(f"done: {run.path / st['lora']}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 import random
 import time
 import traceback
@@ -32,6 +33,19 @@ DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteLoss(Exception):
     pass
+
+
+def process_share(global_batch: list[int], per_process: int, rank: int, processes: int) -> list[tuple[int, int]]:
+    """(position, example) pairs of one process's slice of a global batch.
+
+    With several processes a short last batch of a bucket is filled up by repeating its examples,
+    so every process has work in every step (data-parallel processes must step together).
+    """
+    if processes == 1:
+        return list(enumerate(global_batch))
+    padded = [global_batch[i % len(global_batch)] for i in range(per_process * processes)]
+    start = per_process * rank
+    return [(pos, padded[pos]) for pos in range(start, start + per_process)]
 
 
 def _accelerator(precision: str, device: torch.device):
@@ -62,48 +76,53 @@ class Job:
             self.emit("log", line=line)
 
     # --- one micro-batch -----------------------------------------------------------------
-    def batch_inputs(self, p: Prepared, batch: list[int], g: torch.Generator, rng: random.Random, device):
+    def example_inputs(self, p: Prepared, n: int, seed: int, noise_sched):
+        """One example's noisy latent, target, timestep, caption and size conditioning.
+
+        Every random draw comes from a generator seeded by (run seed, micro-step, position in the
+        global batch), so a run repeats exactly, resumes exactly, and N processes with batch B draw
+        what one process with batch N·B draws.
+        """
         cfg, model = self.cfg, p.model
+        g = torch.Generator().manual_seed(seed)
+        rng = random.Random(seed)
+        flip = cfg.dataset.flip and rng.random() < 0.5
+        e = p.latents.data[(n, flip)]
         shift, scale = vae_shift_scale(model.vae)
-        lats, captions, time_ids = [], [], []
-        for n in batch:
-            flip = cfg.dataset.flip and rng.random() < 0.5
-            e = p.latents.data[(n, flip)]
-            lats.append(e["mean"] + e["std"] * torch.randn(e["mean"].shape, generator=g))
-            captions.append(step_caption(p.examples[n].caption, cfg.dataset, rng))
-            w, h = p.examples[n].size
-            time_ids.append(sdxl_time_ids(tuple(e["original"].tolist()), tuple(e["crop"].tolist()), (h, w)))
-        latents = ((torch.stack(lats) - shift) * scale).to(device)
+        latent = ((e["mean"] + e["std"] * torch.randn(e["mean"].shape, generator=g)) - shift) * scale
+        noise = torch.randn(latent.shape, generator=g)
+        if cfg.train.noise_offset:
+            noise = noise + cfg.train.noise_offset * torch.randn((noise.shape[0], 1, 1), generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (1,), generator=g)
+        caption = step_caption(p.examples[n].caption, cfg.dataset, rng)
+        w, h = p.examples[n].size
+        time_ids = sdxl_time_ids(tuple(e["original"].tolist()), tuple(e["crop"].tolist()), (h, w))
+        return latent, noise, t, caption, time_ids
+
+    def micro_step(self, p: Prepared, acc, unet, noise_sched, batch, m: int, device) -> torch.Tensor:
+        """The loss of this process's share of global micro-batch `m` (`batch`: (position, example))."""
+        cfg, model = self.cfg, p.model
+        parts = [self.example_inputs(p, n, (cfg.train.seed * 1_000_003 + m) * 4096 + pos, noise_sched)
+                 for pos, n in batch]
+        latents = torch.stack([x[0] for x in parts]).to(device)
+        noise = torch.stack([x[1] for x in parts]).to(device)
+        t = torch.cat([x[2] for x in parts]).to(device)
+        captions = [x[3] for x in parts]
         if p.text is not None:
             embeds, pooled = p.text.batch(captions)
         else:
             embeds, pooled = encode_text(model, captions, device)
         extra = None
         if model.is_xl:
-            extra = {"text_embeds": pooled.to(device), "time_ids": torch.stack(time_ids).to(device)}
-        return latents, embeds.to(device), extra
-
-    def micro_step(self, p: Prepared, acc, unet, noise_sched, batch, m: int, device) -> torch.Tensor:
-        cfg = self.cfg
-        g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + m)
-        rng = random.Random(cfg.train.seed * 1_000_003 + m)
-        latents, embeds, extra = self.batch_inputs(p, batch, g, rng, device)
-        noise = torch.randn(latents.shape, generator=g)
-        if cfg.train.noise_offset:
-            noise = noise + cfg.train.noise_offset * torch.randn((*noise.shape[:2], 1, 1), generator=g)
-        noise = noise.to(device)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],), generator=g).to(device)
+            extra = {"text_embeds": pooled.to(device), "time_ids": torch.stack([x[4] for x in parts]).to(device)}
         noisy = noise_sched.add_noise(latents, noise, t)
-        if p.model.prediction_type == "v_prediction":
-            target = noise_sched.get_velocity(latents, noise, t)
-        else:
-            target = noise
+        target = noise_sched.get_velocity(latents, noise, t) if model.prediction_type == "v_prediction" else noise
         with acc.autocast():
-            pred = unet(noisy, t, embeds, added_cond_kwargs=extra).sample
+            pred = unet(noisy, t, embeds.to(device), added_cond_kwargs=extra).sample
         loss = compute_loss(pred, target, cfg.train.loss, cfg.train.huber_delta)
         if cfg.train.min_snr_gamma:
             loss = loss * min_snr_weights(noise_sched.alphas_cumprod, t, cfg.train.min_snr_gamma,
-                                          p.model.prediction_type)
+                                          model.prediction_type)
         return loss.mean()
 
     # --- saving -------------------------------------------------------------------------
@@ -183,18 +202,19 @@ class Job:
         torch.manual_seed(cfg.train.seed)
         weight_dtype = DTYPE[precision] if device.type != "cpu" else torch.float32
         self.emit("status", state="loading", message="Loading the model and dataset…")
-        p = prepare(cfg, self.run.path.parent.parent, device, weight_dtype, self.log)
+        p = prepare(cfg, self.run.path.parent.parent, device, weight_dtype, self.log, acc.num_processes)
         noise_sched = p.model.noise_scheduler()
         unet = p.model.unet
         unet.train()
         unet, optimizer = acc.prepare(unet, p.optimizer)
         step = self.restore(p, acc) if resume else p.start_step
-        if resume:
+        if resume and self.main:
             self.run.truncate_metrics(step)
         total = p.start_step + cfg.train.steps
         accum = cfg.train.gradient_accumulation
-        self.run.set_status("running", step=step, total_steps=total, started=self.run.status().get("started", time.time()),
-                            pid=__import__("os").getpid())
+        if self.main:
+            self.run.set_status("running", step=step, total_steps=total, pid=os.getpid(),
+                                started=self.run.status().get("started", time.time()))
         self.emit("status", state="running", step=step, total=total)
         if step >= total:
             self.log("nothing left to train")
@@ -211,8 +231,10 @@ class Job:
                 m = (step - p.start_step) * accum + k
                 epoch, idx = divmod(m, p.batches_per_epoch)
                 if epoch not in epochs:
-                    epochs = {epoch: epoch_batches(p.examples, cfg.train.batch_size, cfg.train.seed, epoch)}
-                loss = self.micro_step(p, acc, unet, noise_sched, epochs[epoch][idx], m, device)
+                    epochs = {epoch: epoch_batches(p.examples, cfg.train.batch_size * acc.num_processes,
+                                                   cfg.train.seed, epoch)}
+                share = process_share(epochs[epoch][idx], cfg.train.batch_size, acc.process_index, acc.num_processes)
+                loss = self.micro_step(p, acc, unet, noise_sched, share, m, device)
                 acc.backward(loss / accum)
                 step_loss += loss.detach() / accum
             if cfg.train.max_grad_norm:
@@ -250,6 +272,7 @@ class Job:
                                 finished=time.time())
             self.log(f"saved {path.name}")
             self.emit("status", state="completed", step=step, lora=str(path))
+        acc.wait_for_everyone()  # other processes end once the file exists
         return self.run
 
     def flush(self, pending, acc, step, total, t0, done0) -> float:
@@ -285,6 +308,25 @@ def oom_advice(cfg: Config) -> str:
     return "Out of accelerator memory. Try to " + ", ".join(tips or ["use a smaller rank or a smaller model"]) + "."
 
 
+def _new_run_once(cfg: Config, workspace: Path) -> RunDir:
+    """The run folder, made by the main process only; under `accelerate launch` the others get its path."""
+    from accelerate import PartialState
+
+    # cpu=True is what lets several CPU processes (gloo) form one run; it must be said at the first call.
+    state = PartialState(cpu=pick_device(cfg.train.device).type == "cpu")
+    path = [None]
+    if state.is_main_process:
+        run = new_run(workspace, cfg.name)
+        cfg.write(run.config_path)
+        run.set_status("running", step=0, total_steps=cfg.train.steps, started=time.time())
+        path = [str(run.path)]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(path)
+    return RunDir(Path(path[0]))
+
+
 def run_job(cfg: Config, workspace: Path, callback: Callback | None = None, control: Control | None = None,
             run: RunDir | None = None) -> RunDir:
     """Train `cfg` in a new run folder, or in `run` from its last checkpoint if it has one.
@@ -293,9 +335,7 @@ def run_job(cfg: Config, workspace: Path, callback: Callback | None = None, cont
     """
     resume = run is not None
     if run is None:
-        run = new_run(workspace, cfg.name)
-        cfg.write(run.config_path)
-        run.set_status("running", step=0, total_steps=cfg.train.steps, started=time.time())
+        run = _new_run_once(cfg, workspace)
     job = Job(cfg, run, callback, control)
 
     def fail(error: str, advice: str):

@@ -166,7 +166,7 @@ def setup_adapters(cfg, model: BaseModel, device, weight_dtype) -> tuple[list[di
     return groups, start
 
 
-def prepare(cfg, workspace: Path, device, weight_dtype, log) -> Prepared:
+def prepare(cfg, workspace: Path, device, weight_dtype, log, processes: int = 1) -> Prepared:
     m = cfg.model
     model = load_base(m.base, m.family, m.prediction_type, m.allow_pickle, m.config_dir)
     log(f"base model: {m.base} ({model.family}, {model.prediction_type})")
@@ -178,7 +178,7 @@ def prepare(cfg, workspace: Path, device, weight_dtype, log) -> Prepared:
     groups, start = setup_adapters(cfg, model, device, weight_dtype)
     opt = make_optimizer(cfg.train.optimizer, groups, cfg.train.learning_rate, cfg.train.weight_decay, device)
     sched = make_scheduler(cfg.train.lr_scheduler, opt, cfg.train.warmup_steps, cfg.train.steps)
-    bpe = len(epoch_batches(examples, cfg.train.batch_size, cfg.train.seed, 0))
+    bpe = len(epoch_batches(examples, cfg.train.batch_size * processes, cfg.train.seed, 0))
     params = [p for g in groups for p in g["params"]]
     return Prepared(model, ds, examples, latents, text, params, opt, sched, bpe, start)
 
