@@ -15,7 +15,10 @@ def parse_args(argv=None):
                    help="folder for datasets, runs, models and exports")
     p.add_argument("--models-dir", help="an extra folder of checkpoints, e.g. ComfyUI's models/checkpoints")
     p.add_argument("--share", action="store_true", help="make a public Gradio link")
-    p.add_argument("--auth", help="user:password required to open the app")
+    p.add_argument("--auth", help="user:password required to open the app; several as a:pw1,b:pw2 make a lab "
+                   "server where each user has a workspace of their own")
+    p.add_argument("--users", help="a file of user:password lines (a lab server: a workspace per user)")
+    p.add_argument("--devices", help="devices to train on, one run each, e.g. cuda:0,cuda:1 (default: every GPU)")
     p.add_argument("--no-browser", action="store_true", help="don't open a browser tab")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt pickle checkpoints (trusted files only)")
     p.add_argument("--data-dir", action="append", default=None,
@@ -29,12 +32,18 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     a = parse_args(argv)
     print("LoRA Lab: starting (heavy libraries load when first needed)…", flush=True)
-    auth = None
-    if a.auth:
-        if ":" not in a.auth:
-            print("error: --auth takes user:password", file=sys.stderr)
+    pairs = [x.strip() for x in (a.auth or "").split(",") if x.strip()]
+    if a.users:
+        try:
+            pairs += [x.strip() for x in Path(a.users).read_text().splitlines() if x.strip() and not x.startswith("#")]
+        except OSError as e:
+            print(f"error: cannot read --users file: {e}", file=sys.stderr)
             return 2
-        auth = tuple(a.auth.split(":", 1))
+    if any(":" not in x for x in pairs):
+        print("error: --auth and --users take user:password", file=sys.stderr)
+        return 2
+    auth = [tuple(x.split(":", 1)) for x in pairs] or None
+    per_user = bool(auth) and len(auth) > 1
     if (a.share or a.host not in ("127.0.0.1", "localhost", "::1")) and not auth and not os.environ.get("SPACE_ID"):
         print("\n" + "!" * 72 + "\n  WARNING: LoRA Lab is reachable from other machines without a password.\n"
               "  Anyone who can reach it can read files and run training. Add --auth user:password.\n"
@@ -51,10 +60,14 @@ def main(argv=None) -> int:
         a.no_browser = True
     local = not a.share and a.host in ("127.0.0.1", "localhost", "::1")
     data_dirs = a.data_dir if a.data_dir is not None else ([str(Path.home())] if local else [])
-    ctx = AppContext.create(a.workspace, a.models_dir, a.allow_pickle, space=in_space, data_dirs=data_dirs)
+    devices = [d.strip() for d in a.devices.split(",")] if a.devices else None
+    ctx = AppContext.create(a.workspace, a.models_dir, a.allow_pickle, space=in_space, data_dirs=data_dirs,
+                            per_user=per_user and not in_space, devices=devices)
     app = build_app(ctx)
     if in_space:
         space.scope_handlers(app)
+    elif ctx.per_user:
+        space.scope_handlers(app, by="username")
     app.queue(default_concurrency_limit=4)
     app.launch(server_name=a.host, server_port=a.port, share=a.share, auth=auth, inbrowser=not a.no_browser,
                theme=gr.themes.Soft(), css=CSS, show_error=False, allowed_paths=[str(ctx.workspace)])

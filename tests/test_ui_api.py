@@ -47,17 +47,25 @@ def test_watch_streams_progress_and_stop_leaves_a_resumable_run(server, tmp_path
     assert (server.workspace / "runs" / name / "checkpoints" / f"step-{final['step']:06d}").exists()
 
 
-def test_a_second_start_while_training_is_refused_with_a_reason(server, tmp_path):
+def test_a_second_start_waits_in_the_queue_and_can_be_cancelled(server, tmp_path):
     from gradio_client import Client
 
     data = make_demo_dataset(tmp_path / "d", count=4, size=64)
     client = Client(server.url, verbose=False)
     first = client.predict(config(data, "first", 300), api_name="/start_run")
-    with pytest.raises(Exception, match="already going"):
-        client.predict(config(data, "second", 5), api_name="/start_run")
+    second = client.predict(config(data, "second", 5), api_name="/start_run")
+    third = client.predict(config(data, "third", 3), api_name="/start_run")
+    assert client.predict(second, api_name="/queue_position") == 1
+    assert client.predict(third, api_name="/queue_position") == 2
+    assert client.predict(second, api_name="/cancel_run") == "Cancelled second."
+    assert client.predict(third, api_name="/queue_position") == 1
+    assert json.loads((server.workspace / "runs" / second / "status.json").read_text())["state"] == "stopped"
     client.predict(api_name="/stop_run")
     for update in client.submit(first, api_name="/watch"):
         pass
     assert update["state"] == "stopped"
+    for update in client.submit(third, api_name="/watch"):  # the queue moves on by itself
+        pass
+    assert update["state"] == "completed"
     with pytest.raises(Exception, match="Unknown config key 'train.stepz'"):
         client.predict("train: {stepz: 3}", api_name="/start_run")

@@ -44,11 +44,26 @@ def build(ctx):
 
     def stop_run() -> str:
         """Ask the running job to stop after its current step (it leaves a resumable checkpoint)."""
-        if not ctx.jobs.busy or not ctx.owns(ctx.jobs.run):
+        mine = ctx.my_slot()
+        if mine is None:
             return "No run of yours is going."
-        ctx.jobs.stop()
-        return f"Stopping {ctx.jobs.run.name}."
+        ctx.jobs.stop(mine.run)
+        return f"Stopping {mine.run.name}."
+
+    def queue_position(run_name: str) -> int:
+        """Place of your run in the queue (1 = next), or 0 when it is not waiting."""
+        path = ctx.workspace / "runs" / run_name
+        return ctx.jobs.position(RunDir(path)) or 0 if path.is_dir() else 0
+
+    def cancel_run(run_name: str) -> str:
+        """Take your waiting run out of the queue."""
+        path = ctx.workspace / "runs" / run_name
+        if path.is_dir() and ctx.jobs.cancel(RunDir(path)):
+            return f"Cancelled {run_name}."
+        return f"{run_name} is not waiting in the queue."
 
     gr.api(start_run, api_name="start_run")
     gr.api(watch, api_name="watch")
     gr.api(stop_run, api_name="stop_run")
+    gr.api(queue_position, api_name="queue_position")
+    gr.api(cancel_run, api_name="cancel_run")

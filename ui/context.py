@@ -33,11 +33,13 @@ class AppContext:
     allow_pickle: bool = False
     space: bool = False  # Hugging Face Space mode: uploads only, a workspace per session, caps
     data_dirs: list[Path] = field(default_factory=list)  # folders the UI may read besides the workspace
+    per_user: bool = False  # a lab server: each logged-in user has a workspace of their own
     models: dict = field(default_factory=dict)  # one loaded base model for the test tab
 
     @classmethod
     def create(cls, workspace: Path, extra_model_dir: str | None = None, allow_pickle: bool = False,
-               space: bool = False, data_dirs: list[str] | None = None):
+               space: bool = False, data_dirs: list[str] | None = None, per_user: bool = False,
+               devices: list[str] | None = None):
         ws = Path(workspace).resolve()
         for sub in SUBDIRS:
             (ws / sub).mkdir(parents=True, exist_ok=True)
@@ -45,25 +47,25 @@ class AppContext:
         if space:
             _forget_old_sessions(ws / "sessions")
         data = [] if space else [Path(d).expanduser().resolve() for d in (data_dirs or [])]
-        return cls(root=ws, jobs=JobManager(ws), model_dirs=dirs, allow_pickle=allow_pickle and not space,
-                   space=space, data_dirs=data)
+        return cls(root=ws, jobs=JobManager(ws, devices), model_dirs=dirs, allow_pickle=allow_pickle and not space,
+                   space=space, data_dirs=data, per_user=per_user)
 
     def allowed_roots(self) -> list[Path]:
         if self.space:
             return [self.workspace.resolve()]
-        return [self.root, *self.model_dirs, *self.data_dirs]
+        return [self.workspace, *self.model_dirs, *self.data_dirs]
 
     @property
     def workspace(self) -> Path:
         """The workspace of whoever is asking: in Space mode, the visitor's own folder."""
         from .space import visitor
 
-        who = visitor.get() if self.space else None
+        who = visitor.get() if self.space or self.per_user else None
         if not who:
             return self.root
         from trainer.runs import safe_name
 
-        ws = self.root / "sessions" / safe_name(who)
+        ws = self.root / ("sessions" if self.space else "users") / safe_name(who)
         if not ws.exists():
             for sub in SUBDIRS:
                 (ws / sub).mkdir(parents=True, exist_ok=True)
@@ -71,6 +73,11 @@ class AppContext:
 
     def owns(self, run) -> bool:
         return run is not None and self.workspace in run.path.parents
+
+    def my_slot(self):
+        """This user's running (else waiting) job, if any."""
+        slots = self.jobs.runs_in(self.workspace)
+        return slots[0] if slots else None
 
     def base_models(self) -> list[str]:
         """Models a user can pick: tiny demos, files and diffusers folders in the model folders."""
@@ -109,7 +116,9 @@ class AppContext:
             p = self.workspace / p
         p = p.resolve()
         # resolve() has followed every symlink and '..', so this also stops escapes through links.
-        if not any(root == p or root in p.parents for root in self.allowed_roots()):
+        inside = lambda root: root == p or root in p.parents  # noqa: E731
+        others = (self.space or self.per_user) and inside(self.root) and not inside(self.workspace.resolve())
+        if others or not any(inside(root) for root in self.allowed_roots()):
             if self.space:
                 raise LoraLabError("This is a shared demo: folders on the server are not available.",
                                    "Upload your images (or a zip) in the Dataset tab instead.")

@@ -1,4 +1,5 @@
-"""Hugging Face Space mode: uploads only, a workspace per browser session, caps, ZeroGPU when present.
+"""Per-visitor workspaces — Space mode (uploads only, one per browser session, caps, ZeroGPU when
+present) and lab servers (one per logged-in user).
 
 Space mode is on when the app runs on a Space (the `SPACE_ID` variable) or with `--space`.
 Each event handler runs with the visitor's session id in a context variable, so every
@@ -23,7 +24,7 @@ def detected() -> bool:
     return bool(os.environ.get("SPACE_ID")) or os.environ.get("LORA_LAB_SPACE") == "1"
 
 
-def _scoped(fn):
+def _scoped(fn, by: str):
     """`fn` run with the request's session as the current visitor; Gradio passes the request because
     the wrapper's signature asks for it (Gradio reads handler signatures when it calls them)."""
     params = list(inspect.signature(fn).parameters.values())
@@ -39,7 +40,7 @@ def _scoped(fn):
         req = kwargs.pop("_lora_lab_request", None)
         if req is None and len(args) > cut:
             req = args.pop(cut)
-        return getattr(req, "session_hash", None) or "anonymous"
+        return getattr(req, by, None) or "anonymous"
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
@@ -71,11 +72,12 @@ def _scoped(fn):
     return wrapper
 
 
-def scope_handlers(app: gr.Blocks) -> None:
-    """Give every event handler of `app` the visitor scope (Space mode only)."""
+def scope_handlers(app: gr.Blocks, by: str = "session_hash") -> None:
+    """Give every event handler of `app` the visitor scope: the browser session (Space mode) or the
+    logged-in user (`by="username"`, a lab server with several users)."""
     for block_fn in app.fns.values():
         if block_fn.fn is not None:
-            block_fn.fn = _scoped(block_fn.fn)
+            block_fn.fn = _scoped(block_fn.fn, by)
 
 
 def gpu(fn, duration: int = 120):

@@ -71,6 +71,8 @@ def progress_html(st: dict, latest: dict) -> str:
         bits += [f"{latest['speed']:.2f} steps/s", f"ETA {fmt_eta(latest.get('eta'))}"]
     if latest.get("memory"):
         bits.append(f"GPU memory {latest['memory'] / 1024**3:.1f} GB")
+    if state == "queued" and latest.get("position"):
+        bits.append(f"number {latest['position']} of {latest['waiting']} waiting for a device")
     if state == "running" and latest.get("phase") and not latest.get("speed"):
         bits.append(latest["phase"])
     if st.get("last_loss") is not None:
@@ -92,6 +94,14 @@ def run_view(run: RunDir | None, latest: dict):
     log = run.log_path.read_text(encoding="utf-8")[-4000:] if run.log_path.exists() else ""
     samples = [(str(p), p.stem) for p in run.samples()]
     return progress_html(run.status(), latest), loss_frame(rows), lr_frame(rows), log, samples
+
+
+def started_message(ctx, run) -> str:
+    pos = ctx.jobs.position(run)
+    if pos:
+        return (f"Queued **{run.name}**: number {pos} in line; it starts when a device is free "
+                "(cancel it in the run history).")
+    return f"Started **{run.name}**."
 
 
 def history_rows(ws) -> list[list]:
@@ -176,7 +186,7 @@ def build(ctx, data):
         cfg.model.allow_pickle = ctx.allow_pickle
         ctx.check_start(cfg)
         run = ctx.jobs.start(cfg, ctx.workspace)
-        return f"Started **{run.name}**.", history_rows(ctx.workspace)
+        return started_message(ctx, run), history_rows(ctx.workspace)
 
     history = gr.Dataframe(headers=["run", "state", "steps", "last loss", "started"], label="Runs",
                            interactive=False, elem_id="run-history", value=lambda: history_rows(ctx.workspace))
@@ -184,9 +194,10 @@ def build(ctx, data):
 
     def command(action, said):
         def handler():
-            if not ctx.jobs.busy or not ctx.owns(ctx.jobs.run):
+            mine = ctx.my_slot()
+            if mine is None:
                 return "No run of yours is going."
-            action()
+            action(mine.run)
             return said
         return handler
 
@@ -197,13 +208,17 @@ def build(ctx, data):
     shown = gr.State(None)
 
     def tick(last):
-        mine = ctx.owns(ctx.jobs.run)
-        run = ctx.jobs.run if mine else next(iter(list_runs(ctx.workspace)), None)
+        mine = ctx.my_slot()
+        run = mine.run if mine else next(iter(list_runs(ctx.workspace)), None)
+        latest = dict(mine.latest) if mine else {}
+        if mine and ctx.jobs.position(mine.run):
+            latest.update(position=ctx.jobs.position(mine.run), waiting=ctx.jobs.queue_length())
         st = run.status() if run else {}
-        key = (run.name if run else None, st.get("updated"), len(run.samples()) if run else 0)
+        key = (run.name if run else None, st.get("updated"), len(run.samples()) if run else 0,
+               latest.get("position"))
         if key == last:  # nothing new: send nothing, so neither the server nor the browser redraws
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), last
-        return (*run_view(run, ctx.jobs.latest if mine else {}), key)
+        return (*run_view(run, latest), key)
 
     timer.tick(tick, shown, [progress, loss_plot, lr_plot, log, samples, shown], show_progress="hidden")
 
@@ -212,6 +227,7 @@ def build(ctx, data):
             pick = gr.Dropdown([], label="Open a run", allow_custom_value=True, elem_id="history-pick")
             refresh_btn = gr.Button("Refresh", size="sm")
             resume_btn = gr.Button("Resume", elem_id="history-resume")
+            cancel_btn = gr.Button("Cancel (queued)", elem_id="history-cancel")
             delete_btn = gr.Button("Delete", variant="stop")
         history_msg = gr.Markdown(elem_id="history-message")
         with gr.Row():
@@ -256,16 +272,25 @@ def build(ctx, data):
     def on_resume(name):
         try:
             run = ctx.jobs.resume(ctx.workspace / "runs" / name)
-            return f"Resumed **{run.name}**."
+            pos = ctx.jobs.position(run)
+            return f"Resumed **{run.name}**." + (f" It waits as number {pos} for a device." if pos else "")
         except Exception as e:
             return message(e)
 
     resume_btn.click(on_resume, pick, message_box)
 
-    def on_delete(name):
-        if ctx.jobs.busy and ctx.jobs.run and ctx.jobs.run.name == name:
-            return "⚠️ That run is training; stop it first.", gr.skip(), gr.skip()
+    def on_cancel(name):
         path = ctx.workspace / "runs" / (name or "")
+        if name and path.exists() and ctx.jobs.cancel(RunDir(path)):
+            return f"Cancelled {name}; it can be resumed later."
+        return "That run is not waiting in the queue."
+
+    cancel_btn.click(on_cancel, pick, history_msg)
+
+    def on_delete(name):
+        path = ctx.workspace / "runs" / (name or "")
+        if name and ctx.jobs.slot_for(RunDir(path)):
+            return "⚠️ That run is training or waiting; stop or cancel it first.", gr.skip(), gr.skip()
         if not name or not path.exists():
             return "Pick a run first.", gr.skip(), gr.skip()
         delete_run(RunDir(path))

@@ -1,0 +1,53 @@
+"""A lab server: several users, each with their own datasets and runs, sharing one device queue."""
+import json
+
+import pytest
+
+from app_server import AppServer
+from trainer.data.demo import make_demo_dataset
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    users = tmp_path_factory.mktemp("lab") / "users.txt"
+    users.write_text("# the class\nalice:apple\nbob:banana\n")
+    s = AppServer(tmp_path_factory.mktemp("lab") / "workspace", "--users", str(users), "--data-dir", str(base))
+    yield s
+    s.stop()
+
+
+def cfg(data, name, steps):
+    return (f"name: {name}\nmodel: {{base: tiny-demo}}\ndataset: {{source: '{data}', resolution: 64, "
+            f"bucketing: false}}\ntrain: {{steps: {steps}, device: cpu}}\nsave: {{every_n_steps: 0}}\n")
+
+
+def test_users_see_only_their_own_runs_and_share_the_queue(server, tmp_path):
+    from gradio_client import Client
+
+    with pytest.raises(Exception):
+        Client(server.url, auth=("alice", "wrong"), verbose=False)
+    alice = Client(server.url, auth=("alice", "apple"), verbose=False)
+    bob = Client(server.url, auth=("bob", "banana"), verbose=False)
+    data = make_demo_dataset(tmp_path / "class data", count=4, size=64)  # a shared --data-dir folder
+    a_run = alice.predict(cfg(data, "alice run", 400), api_name="/start_run")
+    b_run = bob.predict(cfg(data, "bob run", 3), api_name="/start_run")
+    assert bob.predict(b_run, api_name="/queue_position") == 1  # one device: Bob waits, and sees where
+    assert alice.predict(b_run, api_name="/queue_position") == 0  # Alice sees nothing of Bob's
+    with pytest.raises(Exception, match="no run 'alice-run'"):
+        bob.submit(a_run, api_name="/watch").result()
+    assert bob.predict(b_run, api_name="/cancel_run") == "Cancelled bob-run."
+    assert bob.predict(api_name="/stop_run") == "No run of yours is going."  # Bob can't stop Alice
+    alice_demo = alice.predict(api_name="/on_demo")
+    assert "/users/alice/" in alice_demo
+    with pytest.raises(Exception, match="outside the folders"):
+        bob.predict(cfg(alice_demo, "peek", 3), api_name="/start_run")
+    b_run = bob.predict(cfg(data, "bob again", 3), api_name="/start_run")
+    assert alice.predict(api_name="/stop_run") == "Stopping alice-run."
+    for update in bob.submit(b_run, api_name="/watch"):
+        pass
+    assert update["state"] == "completed"
+    ws = server.workspace
+    assert (ws / "users" / "alice" / "runs" / "alice-run").is_dir()
+    assert json.loads((ws / "users" / "bob" / "runs" / "bob-again" / "status.json").read_text())["state"] == "completed"
+    assert not (ws / "runs" / "alice-run").exists()
