@@ -63,6 +63,7 @@ def test_min_snr_weights_cap_the_easy_timesteps():
     {"network.targets": "all", "dataset.bucketing": False, "dataset.resize": "pad"},
     {"dataset.shuffle_tags": True, "dataset.keep_tokens": 1, "dataset.caption_prefix": "lablora"},
     {"train.lr_scheduler": "cosine", "train.warmup_steps": 1, "train.optimizer": "adamw"},
+    {"train.channels_last": True},
 ])
 def test_loop_options_run_with_finite_loss(over, demo_dir, tmp_path):
     run = run_job(tiny_config(demo_dir, name="opt", **{"train.steps": 3, **over}), tmp_path)

@@ -99,6 +99,8 @@ class TrainConfig:
     mixed_precision: str = opt("auto", "Number format: auto picks bf16 on a capable GPU, fp32 on the CPU.",
                                choices=["auto", "bf16", "fp16", "fp32"])
     gradient_checkpointing: bool = opt(False, "Recompute activations to save memory (slower).")
+    compile: bool = opt(False, "torch.compile the UNet: faster steps after a slow first one (GPU).")
+    channels_last: bool = opt(False, "Channels-last memory layout for the UNet (can be faster on GPUs).")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 turns clipping off.", lo=0.0, hi=1e6)
     seed: int = opt(42, "Random seed; the same seed repeats a CPU run exactly.", lo=0, hi=2**31 - 1)
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, mps.")

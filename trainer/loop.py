@@ -206,6 +206,13 @@ class Job:
         noise_sched = p.model.noise_scheduler()
         unet = p.model.unet
         unet.train()
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and newer
+            torch.backends.cudnn.allow_tf32 = True
+        if cfg.train.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            unet = torch.compile(unet)
         unet, optimizer = acc.prepare(unet, p.optimizer)
         step = self.restore(p, acc) if resume else p.start_step
         if resume and self.main:
