@@ -172,25 +172,31 @@ def _is_hf_local(path: Path) -> bool:
         or any(path.glob("*.parquet")) or any(path.glob("**/*.parquet")))
 
 
-def load_hf(source: str, split: str, image_column: str, caption_column: str) -> Dataset:
+def open_hf(source: str):
+    """A Hugging Face dataset (or DatasetDict) from a hub id, a save_to_disk folder, parquet or an imagefolder."""
     import datasets
 
     path = Path(source).expanduser()
     try:
         if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
                               or (path / "state.json").exists()):
-            ds = datasets.load_from_disk(str(path))
-        elif path.exists():
-            ds = load_hf_raw(path)
-        else:
-            ds = datasets.load_dataset(source)
+            return datasets.load_from_disk(str(path))
+        if path.exists():
+            return load_hf_raw(path)
+        return datasets.load_dataset(source)
     except datasets.exceptions.DatasetNotFoundError:
         raise LoraLabError(f"There is no dataset '{source}' on the Hugging Face hub.",
                            "Check the id (owner/name), or give a local folder.")
-    except (ConnectionError, OSError) as e:
+    except (ConnectionError, OSError, ValueError) as e:
         raise LoraLabError(f"Could not load the dataset '{source}' ({type(e).__name__}: {e}).",
                            "If it is on the hub you may be offline: download it on a connected machine "
                            "(save_to_disk) and give the folder.")
+
+
+def load_hf(source: str, split: str, image_column: str, caption_column: str) -> Dataset:
+    import datasets
+
+    ds = open_hf(source)
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise LoraLabError(f"The dataset has no split '{split}'.", f"Available: {', '.join(ds)}.")
@@ -243,18 +249,7 @@ def hf_columns(source: str) -> tuple[list[str], list[str]]:
     """(splits, columns) of a Hugging Face dataset, for the pickers in the app."""
     import datasets
 
-    path = Path(source).expanduser()
-    try:
-        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
-                              or (path / "state.json").exists()):
-            ds = datasets.load_from_disk(str(path))
-        elif path.exists():
-            ds = load_hf_raw(path)
-        else:
-            ds = datasets.load_dataset(source)
-    except (ConnectionError, OSError, ValueError) as e:
-        raise LoraLabError(f"Could not open the dataset '{source}' ({type(e).__name__}).",
-                           "Check the id or path; hub datasets need a network connection.")
+    ds = open_hf(source)
     if isinstance(ds, datasets.DatasetDict):
         splits = list(ds)
         return splits, list(ds[splits[0]].column_names)
