@@ -137,6 +137,8 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     wait_for(lambda: progress(page)[0] in ("running", "completed") and progress(page)[1] > stopped_at, 30,
              what="re-attached progress")
     wait_for(lambda: page.locator("#loss-plot path").count() > 0, 30, what="full loss history after refresh")
+    wait_for(lambda: page.locator("#cfg-train-steps input[type=number]").input_value() == "40", 20,
+             what="the running run's settings in the form after refresh")
     wait_for(lambda: progress(page)[0] == "completed", 180, what="completed run")
     page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run / "metrics.jsonl").read_text().splitlines()]

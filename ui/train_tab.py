@@ -222,6 +222,16 @@ def build(ctx, data):
 
     timer.tick(tick, shown, [progress, loss_plot, lr_plot, log, samples, shown], show_progress="hidden")
 
+    # Once after the page opens: a refreshed or second tab shows the settings of the run it re-attaches to.
+    first = gr.Timer(0.5)
+
+    def show_running_settings():
+        mine = ctx.my_slot()
+        values = config_to_values(mine.cfg, keys) if mine else [gr.skip()] * len(keys)
+        return [*values, gr.Timer(active=False)]
+
+    first.tick(show_running_settings, None, [*fields, first], show_progress="hidden")
+
     with gr.Accordion("Run history", open=True):
         with gr.Row():
             pick = gr.Dropdown([], label="Open a run", allow_custom_value=True, elem_id="history-pick")
