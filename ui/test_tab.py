@@ -139,7 +139,6 @@ def build(ctx):
             raise LoraLabError("Nothing to export yet.", "Generate or compare images first.")
         lora = Path(l0) if l0 else None
         named = [(f"{i:02d}_{cap.split(' · ')[0].replace(' ', '_')}.png", img) for i, (img, cap) in enumerate(pairs)]
-        named = [(n, img if not isinstance(img, str) else __import__("PIL.Image").Image.open(img)) for n, img in named]
         out = ctx.workspace / "exports" / f"lora-lab-{time.strftime('%Y%m%d-%H%M%S')}.zip"
         export_bundle(out, named, [t for t in text.splitlines() if t.strip()], lora, _run_of(lora) if lora else None,
                       {"seed": sd, "steps": st, "guidance": g, "lora_strength": s0})
