@@ -48,6 +48,7 @@ def main(argv=None) -> int:
         print("\n" + "!" * 72 + "\n  WARNING: LoRA Lab is reachable from other machines without a password.\n"
               "  Anyone who can reach it can read files and run training. Add --auth user:password.\n"
               + "!" * 72 + "\n", file=sys.stderr, flush=True)
+    import ui  # noqa: F401  (first: makes the gradio import ~2 s faster, see ui/fast_import.py)
     import gradio as gr
 
     from ui import space
