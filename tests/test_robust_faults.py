@@ -85,26 +85,48 @@ def test_a_fault_during_a_checkpoint_write_keeps_the_previous_checkpoint(fault, 
     assert run.status()["state"] == "completed" and [r["step"] for r in run.metrics()] == list(range(1, 25))
 
 
-def test_out_of_memory_fails_with_advice_for_the_settings_and_the_manager_keeps_going(demo_dir, tmp_path,
-                                                                                       monkeypatch):
-    real = Job.micro_step
-
+def test_out_of_memory_fails_with_advice_for_the_settings(demo_dir, tmp_path, monkeypatch):
     def oom(self, *args):
-        if self.run.name == "oom":
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, *args)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Job, "micro_step", oom)
-    jobs = JobManager(tmp_path)
-    jobs.start(tiny_config(demo_dir, name="oom", **{"train.batch_size": 2}))
-    jobs.wait(120)
+    with pytest.raises(LoraLabError, match="Out of accelerator memory"):
+        run_job(tiny_config(demo_dir, name="oom", **{"train.batch_size": 2}), tmp_path)
     st = RunDir(tmp_path / "runs" / "oom").status()
     assert st["state"] == "failed" and "Out of accelerator memory" in st["error"]
     assert "train.batch_size (now 2)" in st["advice"] and "gradient_checkpointing" in st["advice"]
     assert "adamw8bit" in st["advice"]
-    jobs.start(tiny_config(demo_dir, name="after", **{"train.steps": 2}))
+
+
+def test_a_training_process_killed_by_the_system_fails_with_advice_and_the_manager_keeps_going(demo_dir, tmp_path):
+    """What the Linux out-of-memory killer does: SIGKILL to the job's process, no word from it."""
+    jobs = JobManager(tmp_path)
+    run = jobs.start(tiny_config(demo_dir, name="killed", **{"train.steps": 400}))
+    deadline = time.time() + 120
+    while not run.status().get("speed") and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(jobs.slot_for(run).proc.pid, signal.SIGKILL)
+    jobs.wait(60)
+    st = run.status()
+    assert st["state"] == "failed" and "killed" in st["error"] and "resume" in st["advice"]
+    assert "killed" in run.log_path.read_text()
+    after = jobs.start(tiny_config(demo_dir, name="after", **{"train.steps": 2}))
     jobs.wait(120)
-    assert RunDir(tmp_path / "runs" / "after").status()["state"] == "completed"
+    assert after.status()["state"] == "completed"
+
+
+def test_the_app_going_away_stops_its_job_with_a_checkpoint_to_resume_from(demo_dir, tmp_path):
+    """The job's stdin closes when the app dies (even by SIGKILL): it saves, ends as 'stopped'."""
+    jobs = JobManager(tmp_path)
+    run = jobs.start(tiny_config(demo_dir, name="orphaned", **{"train.steps": 400}))
+    deadline = time.time() + 120
+    while (run.status().get("step") or 0) < 3 and time.time() < deadline:
+        time.sleep(0.2)
+    jobs.slot_for(run).proc.stdin.close()  # what the OS does for a dead app
+    jobs.wait(60)
+    st = run.status()
+    assert st["state"] == "stopped" and 3 <= st["step"] < 400
+    assert latest_checkpoint(run.checkpoints_dir) is not None
 
 
 def test_runs_left_running_by_a_dead_process_show_as_interrupted_with_resume(tmp_path):

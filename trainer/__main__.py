@@ -50,6 +50,13 @@ def cmd_resume(a) -> int:
 
     run = open_run(Path(a.run_dir))
     cfg = load(run.config_path)
+    if a.device:
+        cfg.train.device = a.device
+    if a.stdin_commands:  # run by the app: it reads the run folder, and talks to us on stdin
+        from .events import StdinControl
+
+        run_job(cfg, run.path.parent.parent, None, StdinControl(), run=run)
+        return 0
     run = run_job(cfg, run.path.parent.parent, _progress(), run=run)
     return _report(run)
 
@@ -128,6 +135,9 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
     r = sub.add_parser("resume", help="continue a stopped, failed or interrupted run")
     r.add_argument("run_dir")
+    r.add_argument("--device", help="train on this device instead of the config's train.device (e.g. cuda:1)")
+    r.add_argument("--stdin-commands", action="store_true",
+                   help="take stop/save/sample lines on stdin and stop when it closes (how the app runs jobs)")
     r.set_defaults(fn=cmd_resume)
     s = sub.add_parser("sample", help="generate images with a base model and LoRAs")
     s.add_argument("--base", required=True)

@@ -32,3 +32,32 @@ class Control:
             flag.clear()
             return True
         return False
+
+
+COMMANDS = {"stop": "stop", "save": "save_now", "sample": "sample_now"}
+
+
+class StdinControl(Control):
+    """Commands as lines on stdin (`stop`, `save`, `sample`), for a job running in its own process.
+
+    The app starts each run as `python -m trainer resume RUN --stdin-commands` and writes these
+    lines to the pipe. The end of stdin (the app closed, crashed or was killed) means stop: the run
+    saves a checkpoint and ends as 'stopped', so a restarted app can resume it.
+    """
+
+    def __init__(self, stream=None):
+        super().__init__()
+        import sys
+
+        self.stream = stream or sys.stdin
+        threading.Thread(target=self._read, name="stdin-commands", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for line in self.stream:
+                flag = COMMANDS.get(line.strip().lower())
+                if flag:
+                    getattr(self, flag).set()
+        except (OSError, ValueError):
+            pass
+        self.stop.set()

@@ -2,21 +2,26 @@
 
 The app calls `JobManager`; a refreshed or second browser tab asks it (and the run folder) for the
 state, so it re-attaches to a running job and its full history. Each device (GPU, or the CPU)
-trains one run at a time in its own thread; further runs wait in one queue, in order, and can
-be cancelled while they wait. The training thread only stores its latest event here; it never
-waits for a reader.
+trains one run at a time. Every run trains in a process of its own
+(`python -m trainer resume RUN --stdin-commands`): the web server and the training loop never
+share an interpreter lock, so a browser watching the live page does not slow training, and a
+crash of either side leaves the other standing. The job writes its progress to the run folder
+(the app reads it when it likes; the job never waits for a reader) and takes stop/save/sample
+as lines on its stdin. Further runs wait in one queue, in order, and can be cancelled.
 """
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
 from .errors import LoraLabError
-from .events import Control, Event
 from .runs import RunDir, list_runs, open_run
 
 
@@ -44,6 +49,8 @@ def mark_interrupted(workspace: Path) -> list[str]:
 
 
 def default_devices() -> list[str]:
+    if "torch" not in sys.modules and not _may_have_gpu():
+        return ["auto"]  # spares the app a 3 s torch import on machines without a GPU
     import torch
 
     if torch.cuda.is_available():
@@ -51,27 +58,62 @@ def default_devices() -> list[str]:
     return ["auto"]
 
 
+def _may_have_gpu() -> bool:
+    """A cheap look for an NVIDIA or AMD GPU driver, before paying for `import torch`."""
+    import shutil
+
+    return bool(shutil.which("nvidia-smi") or Path("/proc/driver/nvidia").exists() or Path("/dev/kfd").exists()
+                or os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+ROOT = Path(__file__).resolve().parent.parent  # where `python -m trainer` is found
+LIVE_KEYS = ("speed", "eta", "memory", "phase")
+
+
 @dataclass
 class Slot:
     """A run on a device, or waiting for one."""
     run: RunDir
     cfg: Config
-    control: Control = field(default_factory=Control)
-    latest: dict = field(default_factory=dict)
     device: str | None = None
     thread: threading.Thread | None = None
+    proc: subprocess.Popen | None = None
     error: str | None = None
+
+    @property
+    def latest(self) -> dict:
+        """Speed, ETA, memory and phase, as the job last wrote them to its run folder."""
+        st = self.run.status()
+        return {k: st[k] for k in LIVE_KEYS if st.get(k) is not None}
+
+    def send(self, command: str) -> bool:
+        """Tell the job's process `stop`, `save` or `sample`; it acts after the current step."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None or proc.stdin is None:
+            return False
+        try:
+            proc.stdin.write(command + "\n")
+            proc.stdin.flush()
+            return True
+        except (OSError, ValueError):  # it has just ended
+            return False
 
 
 class JobManager:
     def __init__(self, workspace: Path, devices: list[str] | None = None):
         self.workspace = Path(workspace)
-        self.devices = devices or default_devices()
+        self._devices = devices  # found on the first start: importing torch would slow the app's start
         self.lock = threading.RLock()
         self.active: dict[str, Slot] = {}   # device → its running slot
         self.queue: list[Slot] = []
         self.last: Slot | None = None       # the most recently started slot
         mark_interrupted(self.workspace)
+
+    @property
+    def devices(self) -> list[str]:
+        if self._devices is None:
+            self._devices = default_devices()
+        return self._devices
 
     # --- what the app asks ---------------------------------------------------------------
     @property
@@ -154,17 +196,17 @@ class JobManager:
             if s in self.queue:
                 self.cancel(s.run)
             else:
-                s.control.stop.set()
+                s.send("stop")
 
     def save_now(self, run: RunDir | None = None) -> None:
         s = self.slot_for(run) if run else self.last
         if s:
-            s.control.save_now.set()
+            s.send("save")
 
     def sample_now(self, run: RunDir | None = None) -> None:
         s = self.slot_for(run) if run else self.last
         if s:
-            s.control.sample_now.set()
+            s.send("sample")
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until nothing runs or waits (for scripts and tests)."""
@@ -201,21 +243,43 @@ class JobManager:
                 slot.thread.start()
 
     def _work(self, slot: Slot) -> None:
-        from .loop import run_job
-
-        def on_event(e: Event) -> None:
-            if e.kind == "step":
-                slot.latest = dict(e.data)
-            elif e.kind == "status":
-                slot.latest = {**slot.latest, "state": e.data.get("state"), "phase": e.data.get("message", "")}
-
-        try:  # a given run folder continues from its last checkpoint, if it has one
-            run_job(slot.cfg, slot.run.path.parent.parent, on_event, slot.control, run=slot.run)
-        except LoraLabError as e:
-            slot.error = str(e)
-        except Exception as e:  # the run folder already says failed, with the reason
-            slot.error = f"{type(e).__name__}: {e}"
+        # a given run folder continues from its last checkpoint, if it has one
+        cmd = [sys.executable, "-m", "trainer", "resume", str(slot.run.path.resolve()), "--stdin-commands"]
+        if slot.device and slot.device != "auto":
+            cmd += ["--device", slot.device]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep), "PYTHONUNBUFFERED": "1"}
+        # Its own process group: Ctrl+C in the app's terminal stops the app; the job then sees its stdin
+        # close, saves a checkpoint and ends as 'stopped'.
+        group = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
+                 else {"start_new_session": True})
+        try:
+            with open(slot.run.path / "process.log", "a", encoding="utf-8") as out:
+                slot.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                                             text=True, env=env, **group)
+                code = slot.proc.wait()
+            if slot.run.status().get("state") in ("running", "queued"):  # it died without saying why
+                slot.error = self._died(slot.run, code)
+            elif code:
+                slot.error = slot.run.status().get("error") or f"exit code {code}"
+        except OSError as e:  # could not start Python at all
+            slot.error = f"Could not start the training process: {e}"
+            slot.run.set_status("failed", error=slot.error, advice="Check that the app's Python environment is intact "
+                                "(re-run the installer).")
         finally:
             with self.lock:
                 self.active.pop(slot.device, None)
             self._dispatch()
+
+    @staticmethod
+    def _died(run: RunDir, code: int) -> str:
+        if code < 0 and -code == getattr(signal, "SIGKILL", 9):
+            error = "The training process was killed (signal 9), most often because the machine ran out of memory."
+            advice = ("Lower train.batch_size or dataset.resolution, or close other programs; then resume: the last "
+                      "checkpoint is intact.")
+        else:
+            error = f"The training process ended unexpectedly (exit code {code})."
+            advice = "Its output is in process.log in the run folder. Resume continues from the last checkpoint."
+        run.set_status("failed", error=error, advice=advice)
+        run.log(f"FAILED: {error}")
+        return error

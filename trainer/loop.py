@@ -202,6 +202,8 @@ class Job:
         torch.manual_seed(cfg.train.seed)
         weight_dtype = DTYPE[precision] if device.type != "cpu" else torch.float32
         self.emit("status", state="loading", message="Loading the model and dataset…")
+        if self.main:  # this process's pid: a restarted app tells a live run from an interrupted one
+            self.run.set_status("running", pid=os.getpid(), phase="Loading the model and dataset…")
         p = prepare(cfg, self.run.path.parent.parent, device, weight_dtype, self.log, acc.num_processes)
         noise_sched = p.model.noise_scheduler()
         unet = p.model.unet
@@ -220,8 +222,8 @@ class Job:
         total = p.start_step + cfg.train.steps
         accum = cfg.train.gradient_accumulation
         if self.main:
-            self.run.set_status("running", step=step, total_steps=total, pid=os.getpid(),
-                                started=self.run.status().get("started", time.time()))
+            self.run.set_status("running", step=step, total_steps=total, pid=os.getpid(), phase=None,
+                                speed=None, eta=None, started=self.run.status().get("started", time.time()))
         self.emit("status", state="running", step=step, total=total)
         if step >= total:
             self.log("nothing left to train")
@@ -284,6 +286,8 @@ class Job:
 
     def flush(self, pending, acc, step, total, t0, done0) -> float:
         losses = acc.reduce(torch.stack([l for _, l, _ in pending]), reduction="mean").float().cpu().tolist()
+        memory = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
+        speed = eta = None
         for (s, _, lr), loss in zip(pending, losses):
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"the loss became {loss} at step {s}")
@@ -293,10 +297,10 @@ class Job:
             row = {"step": s, "loss": loss, "lr": lr, "time": time.time()}
             if self.main:
                 self.run.append_metrics(row)
-            self.emit("step", step=s, total=total, loss=loss, lr=lr, speed=speed, eta=eta,
-                      memory=torch.cuda.memory_allocated() if torch.cuda.is_available() else None)
-        if self.main:
-            self.run.set_status("running", step=step, total_steps=total, last_loss=losses[-1])
+            self.emit("step", step=s, total=total, loss=loss, lr=lr, speed=speed, eta=eta, memory=memory)
+        if self.main:  # what a watcher (the app, another tab) shows; it reads this file, never waits on us
+            self.run.set_status("running", step=step, total_steps=total, last_loss=losses[-1], speed=speed, eta=eta,
+                                memory=memory)
         return losses[-1]
 
 
