@@ -92,7 +92,7 @@ class AppliedLoras:
     def __init__(self, model, loras: list[tuple[Path, float]]):
         self.model = model
         self.saved: dict[str, torch.Tensor] = {}
-        self._modules = modules = _module_map(model)
+        self._modules = _module_map(model)
         try:
             for path, strength in loras:
                 self._apply(path, strength)

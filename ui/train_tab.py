@@ -10,90 +10,7 @@ from trainer.runs import RunDir, delete_run, list_runs
 
 from .config_form import build_form, config_to_values, form_to_config
 from .errors import guarded, message
-
-STATE_ICON = {"running": "running", "completed": "completed", "stopped": "stopped (resumable)",
-              "failed": "FAILED", "interrupted": "interrupted (resumable)", "queued": "queued"}
-STATE_COLOR = {"running": "#16a34a", "completed": "#4f46e5", "stopped": "#d97706", "failed": "#dc2626",
-               "interrupted": "#d97706"}
-
-
-MAX_POINTS = 400
-
-
-def thin(rows: list[dict]) -> list[dict]:
-    """At most MAX_POINTS rows (always keeping the last), so long runs don't flood the browser."""
-    if len(rows) <= MAX_POINTS:
-        return rows
-    every = -(-len(rows) // MAX_POINTS)
-    return rows[::every] + ([rows[-1]] if (len(rows) - 1) % every else [])
-
-
-def loss_frame(rows: list[dict]):
-    import pandas as pd
-
-    if not rows:
-        return None  # Gradio's plot stops drawing for good after an empty frame; None just clears it
-    steps = [r["step"] for r in rows]
-    raw = [r["loss"] for r in rows]
-    smooth, ema = [], raw[0]
-    for v in raw:
-        ema = 0.9 * ema + 0.1 * v
-        smooth.append(ema)
-    keep = {r["step"] for r in thin(rows)}
-    pts = [(st, r, sm) for st, r, sm in zip(steps, raw, smooth) if st in keep]
-    steps, raw, smooth = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
-    return pd.DataFrame({"step": steps * 2, "loss": raw + smooth, "series": ["raw"] * len(raw) + ["smoothed"] * len(raw)})
-
-
-def lr_frame(rows: list[dict]):
-    import pandas as pd
-
-    if not rows:
-        return None
-    rows = thin(rows)
-    return pd.DataFrame({"step": [r["step"] for r in rows], "lr": [r.get("lr", 0.0) for r in rows]})
-
-
-def fmt_eta(seconds) -> str:
-    if seconds is None:
-        return "—"
-    seconds = int(seconds)
-    return f"{seconds // 3600}h {seconds % 3600 // 60}m" if seconds >= 3600 else f"{seconds // 60}m {seconds % 60}s"
-
-
-def progress_html(st: dict, latest: dict) -> str:
-    step, total = st.get("step", 0), st.get("total_steps") or 1
-    pct = min(100, int(100 * step / total))
-    state = st.get("state", "")
-    color = STATE_COLOR.get(state, "#374151")
-    bits = [f"<b style='color:{color}'>{STATE_ICON.get(state, state)}</b>", f"step {step} / {total}"]
-    if state == "running" and latest.get("speed"):
-        bits += [f"{latest['speed']:.2f} steps/s", f"ETA {fmt_eta(latest.get('eta'))}"]
-    if latest.get("memory"):
-        bits.append(f"GPU memory {latest['memory'] / 1024**3:.1f} GB")
-    if state == "queued" and latest.get("position"):
-        bits.append(f"number {latest['position']} of {latest['waiting']} waiting for a device")
-    if state == "running" and latest.get("phase") and not latest.get("speed"):
-        bits.append(latest["phase"])
-    if st.get("last_loss") is not None:
-        bits.append(f"loss {st['last_loss']:.4f}")
-    msg = ""
-    if state in ("failed", "interrupted"):
-        msg = f"<p class='run-error'><b>{st.get('error', '')}</b> {st.get('advice', '')}</p>"
-    return (f"<div id='run-progress' data-state='{state}' data-step='{step}'>"
-            f"<div style='background:#e5e7eb;border-radius:6px;height:14px'><div style='width:{pct}%;"
-            f"background:#6366f1;height:14px;border-radius:6px'></div></div><p>{' · '.join(bits)}</p>{msg}</div>")
-
-
-def run_view(run: RunDir | None, latest: dict):
-    """Everything the live panel shows, read from the run folder (the source of truth)."""
-    if run is None:
-        return ("<div id='run-progress' data-state='none'><p>No run yet. Start one above.</p></div>",
-                loss_frame([]), lr_frame([]), "", [])
-    rows = run.metrics()
-    log = run.log_path.read_text(encoding="utf-8")[-4000:] if run.log_path.exists() else ""
-    samples = [(str(p), p.stem) for p in run.samples()]
-    return progress_html(run.status(), latest), loss_frame(rows), lr_frame(rows), log, samples
+from .live_panel import STATE_ICON, live_update, loss_frame
 
 
 def started_message(ctx, run) -> str:
@@ -213,12 +130,7 @@ def build(ctx, data):
         latest = dict(mine.latest) if mine else {}
         if mine and ctx.jobs.position(mine.run):
             latest.update(position=ctx.jobs.position(mine.run), waiting=ctx.jobs.queue_length())
-        st = run.status() if run else {}
-        key = (run.name if run else None, st.get("updated"), len(run.samples()) if run else 0,
-               latest.get("position"))
-        if key == last:  # nothing new: send nothing, so neither the server nor the browser redraws
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), last
-        return (*run_view(run, latest), key)
+        return live_update(run, latest, last)
 
     timer.tick(tick, shown, [progress, loss_plot, lr_plot, log, samples, shown], show_progress="hidden")
 

@@ -37,12 +37,12 @@ def tiny_tokenizer(pad_token: str = "<|endoftext|>"):
     return CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad_token, model_max_length=77)
 
 
-def _text_config(tokenizer, projection: bool):
+def _text_config(tokenizer):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32 if projection else 32,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, hidden_act="quick_gelu",
     )
@@ -58,7 +58,7 @@ def build_tiny(kind: str = "tiny-demo") -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         tok = tiny_tokenizer()
-        te = CLIPTextModel(_text_config(tok, False)).eval()
+        te = CLIPTextModel(_text_config(tok)).eval()
         unet_kwargs = dict(
             sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
             block_out_channels=(32, 64), norm_num_groups=16,
@@ -69,7 +69,7 @@ def build_tiny(kind: str = "tiny-demo") -> dict:
         parts = {"tokenizer": tok, "text_encoder": te}
         if xl:
             tok2 = tiny_tokenizer(pad_token="!")
-            te2 = CLIPTextModelWithProjection(_text_config(tok2, True)).eval()
+            te2 = CLIPTextModelWithProjection(_text_config(tok2)).eval()
             unet_kwargs.update(
                 cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
                 projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True,

@@ -1,0 +1,136 @@
+"""The Train tab's live panel: progress, loss and learning-rate curves, log and samples of a run,
+read from its run folder (the source of truth), and sent to the page only where something changed.
+"""
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+
+from trainer.runs import RunDir
+
+STATE_ICON = {"running": "running", "completed": "completed", "stopped": "stopped (resumable)",
+              "failed": "FAILED", "interrupted": "interrupted (resumable)", "queued": "queued"}
+STATE_COLOR = {"running": "#16a34a", "completed": "#4f46e5", "stopped": "#d97706", "failed": "#dc2626",
+               "interrupted": "#d97706"}
+
+
+MAX_POINTS = 400
+
+
+def thin(rows: list[dict]) -> list[dict]:
+    """At most MAX_POINTS rows (always keeping the last), so long runs don't flood the browser."""
+    if len(rows) <= MAX_POINTS:
+        return rows
+    every = -(-len(rows) // MAX_POINTS)
+    return rows[::every] + ([rows[-1]] if (len(rows) - 1) % every else [])
+
+
+def loss_frame(rows: list[dict]):
+    import pandas as pd
+
+    if not rows:
+        return None  # Gradio's plot stops drawing for good after an empty frame; None just clears it
+    steps = [r["step"] for r in rows]
+    raw = [r["loss"] for r in rows]
+    smooth, ema = [], raw[0]
+    for v in raw:
+        ema = 0.9 * ema + 0.1 * v
+        smooth.append(ema)
+    keep = {r["step"] for r in thin(rows)}
+    pts = [(st, r, sm) for st, r, sm in zip(steps, raw, smooth) if st in keep]
+    steps, raw, smooth = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+    return pd.DataFrame({"step": steps * 2, "loss": raw + smooth, "series": ["raw"] * len(raw) + ["smoothed"] * len(raw)})
+
+
+def lr_frame(rows: list[dict]):
+    import pandas as pd
+
+    if not rows:
+        return None
+    rows = thin(rows)
+    return pd.DataFrame({"step": [r["step"] for r in rows], "lr": [r.get("lr", 0.0) for r in rows]})
+
+
+def fmt_eta(seconds) -> str:
+    if seconds is None:
+        return "—"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h {seconds % 3600 // 60}m" if seconds >= 3600 else f"{seconds // 60}m {seconds % 60}s"
+
+
+def progress_html(st: dict, latest: dict) -> str:
+    step, total = st.get("step", 0), st.get("total_steps") or 1
+    pct = min(100, int(100 * step / total))
+    state = st.get("state", "")
+    color = STATE_COLOR.get(state, "#374151")
+    bits = [f"<b style='color:{color}'>{STATE_ICON.get(state, state)}</b>", f"step {step} / {total}"]
+    if state == "running" and latest.get("speed"):
+        bits += [f"{latest['speed']:.2f} steps/s", f"ETA {fmt_eta(latest.get('eta'))}"]
+    if latest.get("memory"):
+        bits.append(f"GPU memory {latest['memory'] / 1024**3:.1f} GB")
+    if state == "queued" and latest.get("position"):
+        bits.append(f"number {latest['position']} of {latest['waiting']} waiting for a device")
+    if state == "running" and latest.get("phase") and not latest.get("speed"):
+        bits.append(latest["phase"])
+    if st.get("last_loss") is not None:
+        bits.append(f"loss {st['last_loss']:.4f}")
+    msg = ""
+    if state in ("failed", "interrupted"):
+        msg = f"<p class='run-error'><b>{st.get('error', '')}</b> {st.get('advice', '')}</p>"
+    return (f"<div id='run-progress' data-state='{state}' data-step='{step}'>"
+            f"<div style='background:#e5e7eb;border-radius:6px;height:14px'><div style='width:{pct}%;"
+            f"background:#6366f1;height:14px;border-radius:6px'></div></div><p>{' · '.join(bits)}</p>{msg}</div>")
+
+
+def run_view(run: RunDir | None, latest: dict):
+    """Everything the live panel shows, read from the run folder (the source of truth)."""
+    if run is None:
+        return ("<div id='run-progress' data-state='none'><p>No run yet. Start one above.</p></div>",
+                loss_frame([]), lr_frame([]), "", [])
+    rows = run.metrics()
+    log = run.log_path.read_text(encoding="utf-8")[-4000:] if run.log_path.exists() else ""
+    samples = [(str(p), p.stem) for p in run.samples()]
+    return progress_html(run.status(), latest), loss_frame(rows), lr_frame(rows), log, samples
+
+
+PLOT_EVERY = 6.0  # seconds between curve redraws while a run trains (drawing a plot is the page's dearest work)
+
+
+def _size(path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def live_update(run: RunDir | None, latest: dict, last: dict | None):
+    """(progress, loss plot, LR plot, log, samples, new state): each part only when it changed.
+
+    `last` is what this page was sent before. A page that sees nothing new gets nothing, so neither
+    the server nor the browser does work for it.
+    """
+    last = last if isinstance(last, dict) and run is not None and last.get("run") == run.name else {}
+    if run is None:
+        if last == {"run": None}:
+            return (gr.skip(),) * 5 + (last,)
+        return (*run_view(None, latest), {"run": None})
+    st = run.status()
+    now = time.time()
+    state = {"run": run.name, "progress": progress_html(st, latest), "metrics": _size(run.metrics_path),
+             "log": _size(run.log_path), "samples": len(run.samples()), "plotted_at": last.get("plotted_at", 0.0)}
+    out = [gr.skip()] * 5
+    if state["progress"] != last.get("progress"):
+        out[0] = state["progress"]
+    settled = st.get("state") not in ("running", "queued")
+    if state["metrics"] != last.get("metrics") and (settled or now - state["plotted_at"] >= PLOT_EVERY):
+        rows = run.metrics()
+        out[1], out[2] = loss_frame(rows), lr_frame(rows)
+        state["plotted_at"] = now
+    else:
+        state["metrics"] = last.get("metrics")  # not drawn yet: compare against what the page has
+    if state["log"] != last.get("log"):
+        out[3] = run.log_path.read_text(encoding="utf-8")[-4000:] if run.log_path.exists() else ""
+    if state["samples"] != last.get("samples"):
+        out[4] = [(str(p), p.stem) for p in run.samples()]
+    return (*out, state)
