@@ -41,7 +41,7 @@ class AppServer:
                     if r.status == 200:
                         return time.time() - self.started
             except OSError:
-                time.sleep(0.3)
+                time.sleep(0.1)
         raise RuntimeError(f"app did not come up: {self.log.read_text()[-3000:]}")
 
     def stop(self):

@@ -143,3 +143,12 @@ def test_training_goes_on_with_nobody_watching(demo_dir, tmp_path):
     run = jobs.start(tiny_config(demo_dir, name="alone", **{"train.steps": 6}))
     jobs.wait(120)
     assert run.status()["state"] == "completed" and run.lora_path("alone").exists()
+
+
+def test_a_stop_given_while_the_job_is_still_starting_is_not_lost(demo_dir, tmp_path):
+    jobs = JobManager(tmp_path)
+    run = jobs.start(tiny_config(demo_dir, name="early", **{"train.steps": 400}))
+    jobs.stop(run)  # its process is still importing torch
+    jobs.wait(120)
+    st = run.status()
+    assert st["state"] == "stopped" and st["step"] < 400

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config
@@ -79,6 +79,8 @@ class Slot:
     thread: threading.Thread | None = None
     proc: subprocess.Popen | None = None
     error: str | None = None
+    pending: list[str] = field(default_factory=list)  # commands given before the process was up
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def latest(self) -> dict:
@@ -88,7 +90,11 @@ class Slot:
 
     def send(self, command: str) -> bool:
         """Tell the job's process `stop`, `save` or `sample`; it acts after the current step."""
-        proc = self.proc
+        with self.lock:
+            proc = self.proc
+            if proc is None and self.thread is not None:  # starting: said as soon as it is up
+                self.pending.append(command)
+                return True
         if proc is None or proc.poll() is not None or proc.stdin is None:
             return False
         try:
@@ -255,8 +261,11 @@ class JobManager:
                  else {"start_new_session": True})
         try:
             with open(slot.run.path / "process.log", "a", encoding="utf-8") as out:
-                slot.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
-                                             text=True, env=env, **group)
+                with slot.lock:
+                    slot.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                                                 text=True, env=env, **group)
+                for command in slot.pending:
+                    slot.send(command)
                 code = slot.proc.wait()
             if slot.run.status().get("state") in ("running", "queued"):  # it died without saying why
                 slot.error = self._died(slot.run, code)

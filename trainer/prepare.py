@@ -74,10 +74,17 @@ def load_data(cfg, model: BaseModel) -> tuple[Dataset, list[Example]]:
     return ds, examples
 
 
+def cast(module: torch.nn.Module, device, dtype) -> None:
+    """Move and cast a diffusers model. diffusers 0.42's `ModelMixin.to` warns "modules … should be kept
+    in float32: []" on every cast, even when that list is empty; torch's own `to` does the same move
+    without printing that to every run's log."""
+    torch.nn.Module.to(module, device, dtype)
+
+
 def fill_caches(cfg, model, ds, examples, cache_dir: Path, device, log) -> tuple[list[Example], LatentCache, TextCache | None]:
     """Encode latents (and frozen text embeddings); the encoders then leave the accelerator."""
     d = cfg.dataset
-    model.vae.to(device, torch.float32)  # fp32: the SDXL VAE overflows in fp16
+    cast(model.vae, device, torch.float32)  # fp32: the SDXL VAE overflows in fp16
     latents = LatentCache(cache_dir, model, "crop" if d.bucketing else d.resize, d.cache_latents)
     bad = latents.fill(ds, examples, d.flip, device, ds.problems)
     model.vae.to("cpu")
@@ -145,7 +152,7 @@ def init_from_file(path: str, model: BaseModel, alpha: float) -> int:
 
 def setup_adapters(cfg, model: BaseModel, device, weight_dtype) -> tuple[list[dict], int]:
     net = cfg.network
-    model.unet.to(device, weight_dtype)
+    cast(model.unet, device, weight_dtype)
     add_adapter(model.unet, net)
     tes = model.text_encoders if net.train_text_encoder else []
     for te in tes:

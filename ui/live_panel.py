@@ -110,11 +110,11 @@ def live_update(run: RunDir | None, latest: dict, last: dict | None):
     `last` is what this page was sent before. A page that sees nothing new gets nothing, so neither
     the server nor the browser does work for it.
     """
-    last = last if isinstance(last, dict) and run is not None and last.get("run") == run.name else {}
     if run is None:
-        if last == {"run": None}:
+        if isinstance(last, dict) and last.get("run", "") is None:
             return (gr.skip(),) * 5 + (last,)
         return (*run_view(None, latest), {"run": None})
+    last = last if isinstance(last, dict) and last.get("run") == run.name else {}
     st = run.status()
     now = time.time()
     state = {"run": run.name, "progress": progress_html(st, latest), "metrics": _size(run.metrics_path),

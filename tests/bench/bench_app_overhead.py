@@ -60,11 +60,12 @@ def in_app(data: Path, steps: int, watch: bool, cpu: dict) -> float:
                 page.get_by_role("tab", name="3 · Train").click()
             name = Client(s.url, verbose=False).predict(config(data, "bench", steps), api_name="/start_run")
             run = s.workspace / "runs" / name
-            b0, t0 = cpu_seconds(browser_pids()), time.time()
+            b0, s0, t0 = cpu_seconds(browser_pids()), cpu_seconds([s.proc.pid]), time.time()
             while json.loads((run / "status.json").read_text()).get("state") == "running":
                 time.sleep(0.5)
-            cpu.setdefault("browser_cpu_share_of_2_cores", []).append(
-                round((cpu_seconds(browser_pids()) - b0) / (time.time() - t0) / 2, 3))
+            dt = (time.time() - t0) * 2
+            cpu.setdefault("browser_cpu_share_of_2_cores", []).append(round((cpu_seconds(browser_pids()) - b0) / dt, 3))
+            cpu.setdefault("app_server_cpu_share_of_2_cores", []).append(round((cpu_seconds([s.proc.pid]) - s0) / dt, 3))
             browser.close()
         return speed(run / "metrics.jsonl")
     finally:
@@ -89,15 +90,17 @@ def main():
     data = make_demo_dataset(Path(tempfile.mkdtemp()) / "data", count=8, size=64)
     res = {"headless CLI": [], "app, no page open": [], "app, browser watching": []}
     cpu: dict = {}
+    idle: dict = {}
     for _ in range(a.repeats):
         res["headless CLI"].append(headless(data, a.steps))
-        res["app, no page open"].append(in_app(data, a.steps, False, {}))
+        res["app, no page open"].append(in_app(data, a.steps, False, idle))
         res["app, browser watching"].append(in_app(data, a.steps, True, cpu))
     best = {k: max(v) for k, v in res.items()}
     base = best["headless CLI"]
     rows = [{"variant": k, "steps/s": f"{v:.2f}", "vs headless": f"{(v / base - 1) * 100:+.1f}%"} for k, v in best.items()]
     report("app_overhead", rows, {"steps": a.steps, "watching_cost_pct": round((1 - best["app, browser watching"] / base) * 100, 1),
-                                  "all": res, **cpu})
+                                  "all": res, **cpu,
+                                  "no_page_app_server_cpu_share": idle.get("app_server_cpu_share_of_2_cores")})
 
 
 if __name__ == "__main__":

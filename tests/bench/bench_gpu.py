@@ -39,10 +39,12 @@ def measure(family: str, preset: str, res: int, batch: int, device: str, steps: 
     from trainer.adapters import adapter_parameters, add_adapter
     from trainer.config import resolve
     from trainer.optim import make_optimizer
+    from trainer.prepare import cast
 
     cfg = resolve(preset)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    unet = build_unet(family, device).to(dtype)
+    unet = build_unet(family, device)
+    cast(unet, device, dtype)
     unet.requires_grad_(False)
     cfg.network.rank = 16
     add_adapter(unet, cfg.network)
