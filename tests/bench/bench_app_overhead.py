@@ -53,20 +53,26 @@ def in_app(data: Path, steps: int, watch: bool, cpu: dict) -> float:
     s = AppServer(tmp / "ws", "--data-dir", str(data.parent))
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
-            if watch:
+            browser = None
+            if watch:  # "no page" runs no browser at all
+                browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                            args=["--no-sandbox", "--disable-gpu"])
                 page = browser.new_page()
                 page.goto(s.url)
                 page.get_by_role("tab", name="3 · Train").click()
-            name = Client(s.url, verbose=False).predict(config(data, "bench", steps), api_name="/start_run")
+            client = Client(s.url, verbose=False)
+            name = client.predict(config(data, "bench", steps), api_name="/start_run")
+            client.close()  # its heartbeat would be one more watcher
             run = s.workspace / "runs" / name
             b0, s0, t0 = cpu_seconds(browser_pids()), cpu_seconds([s.proc.pid]), time.time()
             while json.loads((run / "status.json").read_text()).get("state") == "running":
                 time.sleep(0.5)
             dt = (time.time() - t0) * 2
-            cpu.setdefault("browser_cpu_share_of_2_cores", []).append(round((cpu_seconds(browser_pids()) - b0) / dt, 3))
+            if watch:
+                cpu.setdefault("browser_cpu_share_of_2_cores", []).append(
+                    round((cpu_seconds(browser_pids()) - b0) / dt, 3))
+                browser.close()
             cpu.setdefault("app_server_cpu_share_of_2_cores", []).append(round((cpu_seconds([s.proc.pid]) - s0) / dt, 3))
-            browser.close()
         return speed(run / "metrics.jsonl")
     finally:
         s.stop()
