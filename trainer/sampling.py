@@ -12,9 +12,25 @@ SCHEDULERS = {
 }
 
 
+def _pipeline_classes():
+    """diffusers' SD pipelines import CLIP/SigLIP image processors, and transformers 5 warns on every first
+    use that torchvision is missing. We neither need torchvision (no safety checker, no image
+    encoder) nor want it (its wheels pull a CUDA torch onto CPU machines), so that warning is hidden."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    finally:
+        hf_logging.set_verbosity(level)
+    return StableDiffusionPipeline, StableDiffusionXLPipeline
+
+
 def make_pipeline(model, unet=None, scheduler: str = "euler_a"):
     import diffusers
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    StableDiffusionPipeline, StableDiffusionXLPipeline = _pipeline_classes()
 
     if scheduler not in SCHEDULERS:
         raise LoraLabError(f"Unknown sampler {scheduler!r}.", f"Use one of: {', '.join(SCHEDULERS)}.")
