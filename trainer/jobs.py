@@ -78,7 +78,6 @@ class Slot:
     device: str | None = None
     thread: threading.Thread | None = None
     proc: subprocess.Popen | None = None
-    error: str | None = None
     pending: list[str] = field(default_factory=list)  # commands given before the process was up
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -112,7 +111,6 @@ class JobManager:
         self.lock = threading.RLock()
         self.active: dict[str, Slot] = {}   # device → its running slot
         self.queue: list[Slot] = []
-        self.last: Slot | None = None       # the most recently started slot
         mark_interrupted(self.workspace)
 
     @property
@@ -126,15 +124,6 @@ class JobManager:
     def busy(self) -> bool:
         with self.lock:
             return any(s.thread and s.thread.is_alive() for s in self.active.values())
-
-    @property
-    def run(self) -> RunDir | None:
-        """The most recently started run (for a single user's live view)."""
-        return self.last.run if self.last else None
-
-    @property
-    def latest(self) -> dict:
-        return self.last.latest if self.last else {}
 
     def slot_for(self, run: RunDir | None) -> Slot | None:
         if run is None:
@@ -196,22 +185,16 @@ class JobManager:
                     return True
         return False
 
-    def stop(self, run: RunDir | None = None) -> None:
-        s = self.slot_for(run) if run else self.last
-        if s:
-            if s in self.queue:
-                self.cancel(s.run)
-            else:
-                s.send("stop")
+    def stop(self, run: RunDir) -> None:
+        if not self.cancel(run) and (s := self.slot_for(run)):
+            s.send("stop")
 
-    def save_now(self, run: RunDir | None = None) -> None:
-        s = self.slot_for(run) if run else self.last
-        if s:
+    def save_now(self, run: RunDir) -> None:
+        if s := self.slot_for(run):
             s.send("save")
 
-    def sample_now(self, run: RunDir | None = None) -> None:
-        s = self.slot_for(run) if run else self.last
-        if s:
+    def sample_now(self, run: RunDir) -> None:
+        if s := self.slot_for(run):
             s.send("sample")
 
     def wait(self, timeout: float | None = None) -> None:
@@ -242,7 +225,6 @@ class JobManager:
                 if device != "auto":
                     slot.cfg.train.device = device
                 self.active[device] = slot
-                self.last = slot
                 slot.run.set_status("running", pid=os.getpid())
                 slot.thread = threading.Thread(target=self._work, args=(slot,), name=f"train-{slot.run.name}",
                                                daemon=True)
@@ -268,20 +250,17 @@ class JobManager:
                     slot.send(command)
                 code = slot.proc.wait()
             if slot.run.status().get("state") in ("running", "queued"):  # it died without saying why
-                slot.error = self._died(slot.run, code)
-            elif code:
-                slot.error = slot.run.status().get("error") or f"exit code {code}"
+                self._died(slot.run, code)
         except OSError as e:  # could not start Python at all
-            slot.error = f"Could not start the training process: {e}"
-            slot.run.set_status("failed", error=slot.error, advice="Check that the app's Python environment is intact "
-                                "(re-run the installer).")
+            slot.run.set_status("failed", error=f"Could not start the training process: {e}",
+                                advice="Check that the app's Python environment is intact (re-run the installer).")
         finally:
             with self.lock:
                 self.active.pop(slot.device, None)
             self._dispatch()
 
     @staticmethod
-    def _died(run: RunDir, code: int) -> str:
+    def _died(run: RunDir, code: int) -> None:
         if code < 0 and -code == getattr(signal, "SIGKILL", 9):
             error = "The training process was killed (signal 9), most often because the machine ran out of memory."
             advice = ("Lower train.batch_size or dataset.resolution, or close other programs; then resume: the last "
@@ -291,4 +270,3 @@ class JobManager:
             advice = "Its output is in process.log in the run folder. Resume continues from the last checkpoint."
         run.set_status("failed", error=error, advice=advice)
         run.log(f"FAILED: {error}")
-        return error

@@ -71,9 +71,6 @@ class AppContext:
                 (ws / sub).mkdir(parents=True, exist_ok=True)
         return ws
 
-    def owns(self, run) -> bool:
-        return run is not None and self.workspace in run.path.parents
-
     def my_slot(self):
         """This user's running (else waiting) job, if any."""
         slots = self.jobs.runs_in(self.workspace)

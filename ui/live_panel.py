@@ -83,15 +83,8 @@ def progress_html(st: dict, latest: dict) -> str:
             f"background:#6366f1;height:14px;border-radius:6px'></div></div><p>{' · '.join(bits)}</p>{msg}</div>")
 
 
-def run_view(run: RunDir | None, latest: dict):
-    """Everything the live panel shows, read from the run folder (the source of truth)."""
-    if run is None:
-        return ("<div id='run-progress' data-state='none'><p>No run yet. Start one above.</p></div>",
-                loss_frame([]), lr_frame([]), "", [])
-    rows = run.metrics()
-    log = run.log_path.read_text(encoding="utf-8")[-4000:] if run.log_path.exists() else ""
-    samples = [(str(p), p.stem) for p in run.samples()]
-    return progress_html(run.status(), latest), loss_frame(rows), lr_frame(rows), log, samples
+# No run in this workspace yet: the progress line says so, the curves, log and gallery are cleared.
+EMPTY = ("<div id='run-progress' data-state='none'><p>No run yet. Start one above.</p></div>", None, None, "", [])
 
 
 PLOT_EVERY = 6.0  # seconds between curve redraws while a run trains (drawing a plot is the page's dearest work)
@@ -113,7 +106,7 @@ def live_update(run: RunDir | None, latest: dict, last: dict | None):
     if run is None:
         if isinstance(last, dict) and last.get("run", "") is None:
             return (gr.skip(),) * 5 + (last,)
-        return (*run_view(None, latest), {"run": None})
+        return (*EMPTY, {"run": None})
     last = last if isinstance(last, dict) and last.get("run") == run.name else {}
     st = run.status()
     now = time.time()

@@ -42,19 +42,7 @@ def encoders(device: str, dtype):
     return vae, te
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, default=2)
-    a = ap.parse_args()
-    from bench_gpu import build_unet
-    from trainer.adapters import adapter_parameters, add_adapter
-    from trainer.config import resolve
-    from trainer.optim import make_optimizer
-    from trainer.prepare import cast
-
-    dev = a.device
-    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+def encode_seconds(dev: str, dtype, steps: int) -> float:
     vae, te = encoders(dev, dtype)
     image = torch.rand(1, 3, 512, 512, device=dev, dtype=dtype) * 2 - 1
     ids = torch.randint(0, 49408, (1, 77), device=dev)
@@ -64,31 +52,20 @@ def main():
         vae.encode(image).latent_dist.sample()
         te(ids)
 
-    encode_s = timed(encode, a.steps, dev)
-    del vae, te
+    return timed(encode, steps, dev)
 
-    cfg = resolve("sd15-8gb")
-    cfg.network.rank = 16
-    unet = build_unet("sd15", dev)
-    cast(unet, dev, dtype)
-    unet.requires_grad_(False)
-    add_adapter(unet, cfg.network)
-    for p in adapter_parameters(unet):
-        p.data = p.data.float()
-    if cfg.train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    opt = make_optimizer(cfg.train.optimizer, [{"params": adapter_parameters(unet)}], 1e-4, 0.0, torch.device(dev))
-    lat, emb = torch.randn(1, 4, 64, 64, device=dev), torch.randn(1, 77, 768, device=dev)
-    t = torch.randint(0, 1000, (1,), device=dev)
 
-    def step():
-        with torch.autocast(dev.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-            pred = unet(lat, t, emb).sample
-        torch.nn.functional.mse_loss(pred.float(), lat).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=2)
+    a = ap.parse_args()
+    from bench_gpu import training_step
 
+    dev = a.device
+    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    encode_s = encode_seconds(dev, dtype, a.steps)  # its models are freed before the UNet is built
+    step = training_step("sd15", "sd15-8gb", 512, 1, dev)
     step_s = timed(step, a.steps, dev)
     rows = [{"work per image": "VAE encode 512 px + CLIP text encode", "seconds": f"{encode_s:.3f}"},
             {"work per image": "UNet LoRA training step (rank 16, sd15-8gb)", "seconds": f"{step_s:.3f}"}]

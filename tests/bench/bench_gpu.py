@@ -35,7 +35,8 @@ def build_unet(family: str, device):
         return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_folder(family) / "unet"))
 
 
-def measure(family: str, preset: str, res: int, batch: int, device: str, steps: int) -> dict:
+def training_step(family: str, preset: str, res: int, batch: int, device: str):
+    """One engine training step of a rank-16 LoRA on the UNet with the preset's settings, as a function."""
     from trainer.adapters import adapter_parameters, add_adapter
     from trainer.config import resolve
     from trainer.optim import make_optimizer
@@ -72,6 +73,11 @@ def measure(family: str, preset: str, res: int, batch: int, device: str, steps: 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step
+
+
+def measure(family: str, preset: str, res: int, batch: int, device: str, steps: int) -> dict:
+    step = training_step(family, preset, res, batch, device)
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as fc:
