@@ -77,15 +77,17 @@ def _report(run) -> int:
 
 def cmd_sample(a) -> int:
     from .models.load import load_base
-    from .sampling import generate
+    from .sampling import for_generation, generate
 
     loras = []
     for spec in a.lora or []:
         path, _, strength = spec.rpartition(":") if spec.count(":") and spec.rsplit(":", 1)[1].replace(".", "", 1).lstrip("-").isdigit() else (spec, "", "1")
         loras.append((Path(path), float(strength)))
     model = load_base(a.base, allow_pickle=a.allow_pickle)
+    device = _device()
+    for_generation(model, device)
     images = generate(model, a.prompt, seed=a.seed, steps=a.steps, guidance_scale=a.guidance, width=a.width,
-                      height=a.height, negative_prompt=a.negative, loras=loras, device=_device())
+                      height=a.height, negative_prompt=a.negative, loras=loras, device=device)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):

@@ -96,7 +96,8 @@ class TrainConfig:
     min_snr_gamma: float = opt(0.0, "Min-SNR weighting gamma (5 is usual); 0 turns it off.", lo=0.0, hi=100.0)
     noise_offset: float = opt(0.0, "Noise offset for darker darks and brighter brights (0.05 is usual).",
                               lo=0.0, hi=1.0)
-    mixed_precision: str = opt("auto", "Number format: auto picks bf16 on a capable GPU, fp32 on the CPU.",
+    mixed_precision: str = opt("auto", "Number format of the frozen weights and the maths: auto picks bf16 on "
+                               "RTX 30xx and newer, fp16 on RTX 20xx/V100/T4, fp32 on older cards and the CPU.",
                                choices=["auto", "bf16", "fp16", "fp32"])
     gradient_checkpointing: bool = opt(False, "Recompute activations to save memory (slower).")
     compile: bool = opt(False, "torch.compile the UNet: faster steps after a slow first one (GPU).")

@@ -24,12 +24,10 @@ from .errors import LoraLabError
 from .events import Callback, Control, Event
 from .export import adapter_file_tensors, metadata, save_file_atomic
 from .optim import compute_loss, min_snr_weights
-from .prepare import PRECISION, Prepared, mixed_precision, pick_device, prepare
+from .precision import ACCELERATE, DTYPE, mixed_precision
+from .prepare import Prepared, pick_device, prepare
 from .runs import RunDir, new_run
 from .sampling import generate
-
-DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class NonFiniteLoss(Exception):
     pass
@@ -54,7 +52,7 @@ def _accelerator(precision: str, device: torch.device):
 
     # accelerate keeps one global state per process; a second run in the app may want another precision.
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=PRECISION[precision], cpu=device.type == "cpu")
+    return Accelerator(mixed_precision=ACCELERATE[precision], cpu=device.type == "cpu")
 
 
 class Job:
@@ -200,7 +198,7 @@ class Job:
         self.main = acc.is_main_process
         device = acc.device
         torch.manual_seed(cfg.train.seed)
-        weight_dtype = DTYPE[precision] if device.type != "cpu" else torch.float32
+        weight_dtype = DTYPE[precision]  # frozen weights in the training precision, as kohya does
         self.emit("status", state="loading", message="Loading the model and dataset…")
         if self.main:  # this process's pid: a restarted app tells a live run from an interrupted one
             self.run.set_status("running", pid=os.getpid(), phase="Loading the model and dataset…")

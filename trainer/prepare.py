@@ -15,8 +15,6 @@ from .lora_file import read_lora
 from .models.load import BaseModel, load_base
 from .optim import make_optimizer, make_scheduler
 
-PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -33,14 +31,6 @@ def pick_device(name: str) -> torch.device:
         raise LoraLabError("train.device asks for CUDA, but no CUDA GPU is available.",
                            "Use train.device=auto or cpu, or install a CUDA build of PyTorch.")
     return dev
-
-
-def mixed_precision(setting: str, device: torch.device) -> str:
-    if setting == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if setting == "fp16" and device.type == "cpu":
-        raise LoraLabError("train.mixed_precision fp16 needs a GPU.", "Use bf16 or fp32 on the CPU.")
-    return setting
 
 
 def model_multiple(model: BaseModel) -> int:

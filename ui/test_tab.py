@@ -72,9 +72,13 @@ def build(ctx):
         return _generate(model, text.splitlines(), neg, sd, st, g, w, h, sch, loras)
 
     def _generate_now(model, lines, neg, sd, st, g, w, h, sch, loras):
-        from trainer.sampling import generate
+        from trainer.prepare import pick_device
+        from trainer.sampling import for_generation, generate
 
-        return generate(model, lines, int(sd), int(st), float(g), int(w or 0), int(h or 0), neg, sch, loras=loras)
+        device = pick_device("auto")  # here: on ZeroGPU the GPU exists only inside this call
+        for_generation(model, device)
+        return generate(model, lines, int(sd), int(st), float(g), int(w or 0), int(h or 0), neg, sch, loras=loras,
+                        device=device)
 
     _generate = space.gpu(_generate_now)  # on ZeroGPU hardware the call asks for the GPU
 
