@@ -143,6 +143,10 @@ def init_from_file(path: str, model: BaseModel, alpha: float) -> int:
 def setup_adapters(cfg, model: BaseModel, device, weight_dtype) -> tuple[list[dict], int]:
     net = cfg.network
     cast(model.unet, device, weight_dtype)
+    for te in model.text_encoders:  # frozen ones only sample (or encode each step): half the memory
+        te.to(dtype=weight_dtype)
+    if weight_dtype == torch.bfloat16:  # latents are cached: the VAE only decodes samples now. bf16 has
+        model.vae.to(dtype=weight_dtype)  # fp32's range; in fp16 SDXL's VAE overflows, so it stays fp32
     add_adapter(model.unet, net)
     tes = model.text_encoders if net.train_text_encoder else []
     for te in tes:

@@ -50,8 +50,8 @@ def make_pipeline(model, unet=None, scheduler: str = "euler_a"):
 def for_generation(model, device) -> None:
     """Ready a base model for the Test tab and `python -m trainer sample` on `device`: UNet and text
     encoders in the format the device computes fast (bf16/fp16 on a GPU, fp32 on the CPU), the VAE in
-    fp32 (SDXL's VAE overflows in fp16). The model stays in main memory: `generate` moves it to the
-    device for each call, so the GPU is free for training in between."""
+    bf16 or else fp32 (SDXL's VAE overflows in fp16; bf16 has fp32's range). The model stays in main
+    memory: `generate` moves it to the device for each call, so the GPU is free for training between."""
     import torch
 
     from .precision import DTYPE, native
@@ -59,7 +59,7 @@ def for_generation(model, device) -> None:
     dtype = DTYPE[native(torch.device(device))]
     for m in [model.unet, *model.text_encoders]:
         torch.nn.Module.to(m, dtype=dtype)  # torch's `to`: diffusers' prints a bogus warning on casts
-    torch.nn.Module.to(model.vae, dtype=torch.float32)
+    torch.nn.Module.to(model.vae, dtype=dtype if dtype == torch.bfloat16 else torch.float32)
 
 
 @contextmanager
@@ -77,7 +77,8 @@ def on_device(modules, device):
 
 def decode(pipe, latents) -> list:
     """Latents → PIL images with the VAE in its own format: the pipelines would hand it the UNet's
-    (fp16 NaNs in SDXL's VAE), and the latents are scaled back as the trainer's cache scaled them."""
+    (fp16 NaNs in SDXL's VAE), and the latents are scaled back as the trainer's cache scaled them.
+    Outside autocast, whose fp16 would undo the VAE's fp32."""
     from .encode import vae_shift_scale
 
     vae = pipe.vae

@@ -35,6 +35,18 @@ def build_unet(family: str, device):
         return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_folder(family) / "unet"))
 
 
+def step_inputs(unet, res: int, batch: int, scale: int, device):
+    """Random latents, timesteps, text embeddings (and SDXL's extra conditioning) of the real shapes."""
+    lat = torch.randn(batch, 4, res // scale, res // scale, device=device)
+    emb = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device)
+    extra = None
+    if unet.config.addition_embed_type == "text_time":
+        extra = {"text_embeds": torch.randn(batch, 1280, device=device),
+                 "time_ids": torch.tensor([[res, res, 0, 0, res, res]] * batch, device=device, dtype=torch.float32)}
+    t = torch.randint(0, 1000, (batch,), device=device)
+    return lat, t, emb, extra
+
+
 def training_step(family: str, preset: str, res: int, batch: int, device: str):
     """One engine training step of a rank-16 LoRA on the UNet with the preset's settings, as a function."""
     from trainer.adapters import adapter_parameters, add_adapter
@@ -55,15 +67,7 @@ def training_step(family: str, preset: str, res: int, batch: int, device: str):
         unet.enable_gradient_checkpointing()
     unet.train()
     opt = make_optimizer(cfg.train.optimizer, [{"params": adapter_parameters(unet)}], 1e-4, 0.0, torch.device(device))
-    scale = 2 if family == "tiny" else 8
-    lat = torch.randn(batch, 4, res // scale, res // scale, device=device)
-    ctx_dim = unet.config.cross_attention_dim
-    emb = torch.randn(batch, 77, ctx_dim, device=device)
-    extra = None
-    if unet.config.addition_embed_type == "text_time":
-        extra = {"text_embeds": torch.randn(batch, 1280, device=device),
-                 "time_ids": torch.tensor([[res, res, 0, 0, res, res]] * batch, device=device, dtype=torch.float32)}
-    t = torch.randint(0, 1000, (batch,), device=device)
+    lat, t, emb, extra = step_inputs(unet, res, batch, 2 if family == "tiny" else 8, device)
 
     def step():
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):

@@ -1,0 +1,248 @@
+"""Benchmark 4b (no GPU needed): peak accelerator memory of each preset's training step on the full-size
+SD 1.5 and SDXL UNets, and of a sample image during training, estimated on any machine.
+
+The step is the engine's (its cast, peft adapter, gradient checkpointing, rank 16, bf16 autocast) and
+runs under PyTorch's FakeTensorMode: every operation computes its output's shape and dtype but no
+numbers, so SDXL at 1024 px takes seconds on a laptop. The fake tensors are CPU tensors (a CPU-only
+PyTorch cannot run autograd on fake CUDA ones), under the CPU's autocast with CUDA's fp32 norms. Each
+tensor's storage is counted from its creation until it is freed; the peak is what
+`torch.cuda.max_memory_allocated()` would report, rounded to the CUDA allocator's 512-byte blocks.
+Not counted: the CUDA context (~0.3-0.5 GB, outside PyTorch's counters too), cuBLAS/cuDNN
+workspaces and allocator fragmentation. Optimizer state is counted from its size per weight
+(AdamW: two fp32 moments; 8-bit AdamW: two 8-bit moments plus a float per 256-value block): the
+8-bit optimizer's kernels cannot run on fake tensors.
+
+    .venv/bin/python tests/bench/bench_memory.py            # the five cases of bench_gpu.py
+    .venv/bin/python tests/bench/bench_memory.py --check    # also the tiny model on the CPU, measured
+                                                            # for real and estimated, to check the method
+On a GPU, bench_gpu.py measures the same cases for real.
+"""
+import argparse
+import time
+import weakref
+from contextlib import contextmanager, nullcontext
+
+from bench_gpu import CASES, step_inputs as inputs
+from common import report
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+GB = 1024**3
+OPT_BYTES = {"adamw": 8.0, "adamw8bit": 2 + 8 / 256}  # state bytes per trained weight
+
+
+class PeakMemory(TorchDispatchMode):
+    """Live tensor storage bytes, counted from the operations that create storages."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+        self.ops: set[str] = set()
+
+    def add(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        if id(st) in self.seen:
+            return
+        n = -(-st.nbytes() // 512) * 512
+        self.seen.add(id(st))
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(st, self._free, id(st), n)
+
+    def _free(self, key: int, n: int) -> None:
+        self.seen.discard(key)
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.add(func.__name__)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        return out
+
+
+@contextmanager
+def cuda_autocast_norms():
+    """CUDA's autocast runs group_norm and layer_norm in fp32 (their outputs, kept for the next layer's
+    backward, are fp32 on a GPU); the CPU's autocast runs them in bf16. This applies CUDA's rule
+    wherever CPU autocast is on, the backward pass's recomputed checkpoints included (a function
+    patched, as the recomputation runs outside Python's torch-function modes). For the rest of the
+    UNet (convolutions, matmuls, attention in bf16) the two autocasts agree."""
+    F = torch.nn.functional
+    originals = {"group_norm": F.group_norm, "layer_norm": F.layer_norm}
+
+    def in_fp32(func):
+        def run(*args, **kwargs):
+            if not torch.is_autocast_enabled("cpu"):
+                return func(*args, **kwargs)
+            up = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+            kw = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                  for k, v in kwargs.items()}
+            with torch.autocast("cpu", enabled=False):
+                return func(*up, **kw)
+        return run
+
+    for name, func in originals.items():
+        setattr(F, name, in_fp32(func))
+    try:
+        yield
+    finally:
+        for name, func in originals.items():
+            setattr(F, name, func)
+
+
+def lora_unet(family: str, preset: str, device: str, dtype):
+    """The engine's UNet for a preset: frozen weights in `dtype`, a rank-16 adapter in fp32."""
+    from trainer.adapters import adapter_parameters, add_adapter
+    from trainer.config import resolve
+    from trainer.prepare import cast
+
+    from bench_gpu import build_unet
+
+    cfg = resolve(preset)
+    unet = build_unet(family, device)
+    cast(unet, device, dtype)
+    unet.requires_grad_(False)
+    cfg.network.rank = 16
+    add_adapter(unet, cfg.network)
+    for p in adapter_parameters(unet):
+        p.data = p.data.float()
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return unet, cfg
+
+
+def to_fake(module: torch.nn.Module, mode: FakeTensorMode, device: torch.device) -> None:
+    """Meta weights → fake tensors on `device` (module.to cannot convert into fake tensors)."""
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                m._parameters[name] = torch.nn.Parameter(FakeTensor(mode, p.data, device), p.requires_grad)
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = FakeTensor(mode, b, device)
+
+
+def step_peak(unet, res: int, batch: int, scale: int, device, autocast, tracker: PeakMemory) -> None:
+    for t in [*unet.parameters(), *unet.buffers()]:
+        tracker.add(t)
+    with tracker:
+        lat, t, emb, extra = inputs(unet, res, batch, scale, device)
+        with autocast():
+            pred = unet(lat, t, emb, added_cond_kwargs=extra).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), lat)
+        loss.backward()
+        del pred, loss
+
+
+def estimate(family: str, preset: str, res: int, batch: int) -> dict:
+    dev = torch.device("cpu")  # fake CUDA tensors cannot take part in autograd on a CPU-only PyTorch
+    unet, cfg = lora_unet(family, preset, "meta", torch.bfloat16)
+    trained = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    mode = FakeTensorMode()
+    to_fake(unet, mode, dev)
+    tracker = PeakMemory()
+    t0 = time.perf_counter()
+    with mode, cuda_autocast_norms():
+        step_peak(unet, res, batch, 2 if family == "tiny" else 8, dev,
+                  lambda: torch.autocast("cpu", dtype=torch.bfloat16), tracker)
+    weights = sum(-(-p.numel() * p.element_size() // 512) * 512 for p in unet.parameters())
+    opt = trained * OPT_BYTES[cfg.train.optimizer]
+    attention = sorted(o for o in tracker.ops if "attention" in o and "backward" not in o)
+    return {"peak_gb": (tracker.peak + opt) / GB, "weights_gb": weights / GB, "optimizer_gb": opt / GB,
+            "trained": trained, "attention": attention, "seconds": time.perf_counter() - t0}
+
+
+def sampling_peak(family: str, res: int, unet_gb: float, state_gb: float) -> dict:
+    """A sample image during training at `res` on a bf16 card: the UNet with its LoRA and optimizer state
+    stay, the text encoders and the VAE (bf16 once latents are cached) join them; the peak adds the
+    larger of a denoising step (batch 2 for guidance, no gradients) and the VAE's decode."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from trainer.models.load import config_folder
+
+    folder = config_folder(family)
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        encoders = [CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))]
+        if (folder / "text_encoder_2").exists():
+            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")))
+    te_gb = sum(p.numel() * 2 for te in encoders for p in te.parameters()) / GB
+    vae_gb = sum(p.numel() * 2 for p in vae.parameters()) / GB
+    mode, dev, side = FakeTensorMode(), torch.device("cpu"), res // 8
+    unet.to(torch.bfloat16)
+    vae.to(torch.bfloat16)
+    to_fake(vae, mode, dev)
+    to_fake(unet, mode, dev)
+    def denoise():
+        lat, t, emb, extra = inputs(unet, res, 2, 8, dev)
+        return unet(lat, t, emb, added_cond_kwargs=extra).sample
+
+    work = {}
+    def decode():
+        return vae.decode(torch.randn(1, 4, side, side, dtype=torch.bfloat16)).sample
+
+    for name, run in {"decode": decode, "denoise": denoise}.items():
+        tracker = PeakMemory()
+        for t in [*unet.parameters(), *unet.buffers(), *vae.parameters(), *vae.buffers()]:
+            tracker.add(t)  # weights are resident, counted above; their views are not new memory
+        weights = tracker.live
+        with mode, cuda_autocast_norms(), torch.no_grad(), tracker:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "denoise"):
+                run()
+        work[name] = (tracker.peak - weights) / GB
+    resident = unet_gb + state_gb + te_gb + vae_gb
+    return {"peak_gb": resident + max(work.values()), "te_vae_gb": te_gb + vae_gb, **work}
+
+
+def check_on_cpu(preset: str, dtype) -> dict:
+    """The tiny model on the CPU: the tracker counting real tensors, and the fake estimate."""
+    peaks = {}
+    for kind in ("real", "fake"):
+        unet, _ = lora_unet("tiny", preset, "cpu" if kind == "real" else "meta", dtype)
+        mode = FakeTensorMode()
+        if kind == "fake":
+            to_fake(unet, mode, torch.device("cpu"))
+        tracker = PeakMemory()
+        with mode if kind == "fake" else nullcontext(), cuda_autocast_norms():
+            step_peak(unet, 64, 2, 2, torch.device("cpu"),
+                      lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32), tracker)
+        peaks[f"{kind}_mb"] = round(tracker.peak / 1024**2, 3)
+    return peaks
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true", help="also compare the estimate with a real CPU step")
+    a = ap.parse_args()
+    rows = []
+    for label, family, preset, res, batch in CASES:
+        r = estimate(family, preset, res, batch)
+        state = r["optimizer_gb"] + r["trained"] * 4 / GB  # optimizer state and the LoRA's gradients
+        sample = sampling_peak(family, res, r["weights_gb"], state)
+        rows.append({"case": label, "preset": preset, "peak GB (est.)": f"{r['peak_gb']:.2f}",
+                     "sampling peak GB (est.)": f"{sample['peak_gb']:.2f}",
+                     "frozen+LoRA weights GB": f"{r['weights_gb']:.2f}", "optimizer GB": f"{r['optimizer_gb']:.3f}",
+                     "LoRA weights": f"{r['trained']:,}", "attention (CPU kernel)": ",".join(r["attention"]),
+                     "s": f"{r['seconds']:.0f}"})
+    notes = {"method": "FakeTensorMode (shapes and dtypes, no numbers) under bf16 autocast with CUDA's fp32 "
+                       "norms; live storage bytes in 512-byte blocks; CUDA context, workspaces and "
+                       "fragmentation not counted",
+             "sampling": "a sample image during training: UNet + LoRA + optimizer state, text encoders (bf16) "
+                         "and VAE (bf16) resident, plus the larger of a guided denoising step and the VAE decode"}
+    if a.check:
+        notes["check_tiny_cpu"] = {f"{p} {d}": check_on_cpu(p, dt) for p in ("sd15-8gb", "sd15-12gb")
+                                   for d, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    report("memory_estimate", rows, notes)
+
+
+if __name__ == "__main__":
+    main()
