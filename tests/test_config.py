@@ -66,3 +66,16 @@ def test_every_preset_resolves_to_a_valid_config():
         assert "description" in preset_dict(name)
     with pytest.raises(LoraLabError, match="Unknown preset"):
         resolve("no-such-preset")
+
+
+@pytest.mark.parametrize("preset,card_gb", [("sd15-8gb", 8), ("sd15-12gb", 12), ("sdxl-12gb", 12),
+                                            ("sdxl-24gb", 24), ("classroom-lab", 8)])
+def test_a_preset_for_a_card_is_estimated_to_fit_it_with_sampling_on(preset, card_gb):
+    from trainer.plan_summary import estimate_memory_gb
+
+    cfg = resolve(preset)
+    cfg.sample.prompts = cfg.sample.prompts or ["a photo"]
+    family = "sdxl" if preset.startswith("sdxl") else "sd15"
+    assert estimate_memory_gb(cfg, family) < card_gb * 0.9  # room for other programs on the card
+    cfg.train.gradient_checkpointing, cfg.train.batch_size = False, 16
+    assert estimate_memory_gb(cfg, family) > card_gb  # the estimate does react to what costs memory

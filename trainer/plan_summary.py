@@ -3,21 +3,32 @@ from __future__ import annotations
 
 import math
 
-# Frozen weights (GB, fp16) and activation cost per 512² image at batch 1, measured rules of thumb.
-FAMILY_GB = {"sd15": (2.0, 1.6), "sd2": (2.6, 2.2), "sdxl": (6.9, 4.2), "tiny": (0.01, 0.01)}
+# GB with bf16/fp16 frozen weights, from tests/bench/bench_memory.py (full-size models, fake tensors):
+UNET_GB = {"sd15": 1.6, "sd2": 1.6, "sdxl": 4.8, "tiny": 0.01}
+TEXT_GB = {"sd15": 0.23, "sd2": 0.68, "sdxl": 1.64, "tiny": 0.01}  # all text encoders
+VAE_GB = 0.16
+LORA_RANK16 = {"sd15": 3.2e6, "sd2": 3.3e6, "sdxl": 23.2e6, "tiny": 1e4}  # weights, attention targets
+# per 512² image of batch: training activations without / with checkpointing, and a VAE decode
+ACT_GB = {"sd15": (1.09, 0.25), "sd2": (1.05, 0.22), "sdxl": (1.82, 0.17), "tiny": (0.01, 0.01)}
+DECODE_GB = 0.36
+CONTEXT_GB = 0.4  # the CUDA context and library workspaces
+OPT_BYTES = {"adamw8bit": 2, "prodigy": 16, "sgd": 4, "adafactor": 4}  # state per trained weight; else 8
 
 
 def estimate_memory_gb(cfg, family: str) -> float:
-    weights, act = FAMILY_GB.get(family, FAMILY_GB["sd15"])
-    t = cfg.train
-    if t.mixed_precision == "fp32":
-        weights *= 2
-    scale = (cfg.dataset.resolution / 512) ** 2 * t.batch_size
-    if t.gradient_checkpointing:
-        act *= 0.35
-    lora_gb = 0.05 * cfg.network.rank / 16
-    opt = lora_gb * (1 if t.optimizer == "adamw8bit" else 3)
-    return round(weights + act * scale + lora_gb + opt, 1)
+    """Peak accelerator memory of training (and of a sample image during it, if prompts are set)."""
+    t, d, net = cfg.train, cfg.dataset, cfg.network
+    family = family if family in UNET_GB else "sd15"
+    half = 2 if t.mixed_precision == "fp32" else 1  # fp32 frozen weights take twice the space
+    area = (d.resolution / 512) ** 2
+    lora = LORA_RANK16[family] * net.rank / 16 * (3 if net.targets == "all" else 1)
+    state = lora * (4 + 4 + OPT_BYTES.get(t.optimizer, 8)) / 1024**3  # weights, gradients, optimizer
+    text_on_gpu = net.train_text_encoder or d.shuffle_tags or not d.cache_text_embeddings
+    act = ACT_GB[family][1 if t.gradient_checkpointing else 0] * area * t.batch_size
+    train = UNET_GB[family] * half + state + act + (TEXT_GB[family] * half if text_on_gpu else 0)
+    sample = UNET_GB[family] * half + state + TEXT_GB[family] * half + VAE_GB * half + DECODE_GB * half * area
+    peak = max(train, sample if cfg.sample.prompts else 0)
+    return round(CONTEXT_GB + peak, 1)
 
 
 def family_guess(base: str) -> str:
