@@ -29,6 +29,7 @@ from .prepare import Prepared, pick_device, prepare
 from .runs import RunDir, new_run
 from .sampling import generate
 
+
 class NonFiniteLoss(Exception):
     pass
 

@@ -78,7 +78,7 @@ def on_device(modules, device):
 def decode(pipe, latents) -> list:
     """Latents → PIL images with the VAE in its own format: the pipelines would hand it the UNet's
     (fp16 NaNs in SDXL's VAE), and the latents are scaled back as the trainer's cache scaled them.
-    Outside autocast, whose fp16 would undo the VAE's fp32."""
+    Call it outside autocast, whose fp16 would undo the VAE's fp32."""
     from .encode import vae_shift_scale
 
     vae = pipe.vae
