@@ -8,23 +8,10 @@ Run: .venv/bin/python tests/bench/bench_encode_cost.py [--device cuda] [--steps 
 On a 2-core CPU it takes a few minutes (one UNet step is tens of seconds there).
 """
 import argparse
-import time
 
-from common import report
+from common import report, timed
 
 import torch
-
-
-def timed(fn, steps: int, device: str) -> float:
-    fn()  # warm-up
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
 
 
 def encoders(device: str, dtype):

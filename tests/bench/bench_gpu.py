@@ -8,9 +8,8 @@ The step is the engine's: its adapter, optimizer, precision and checkpointing co
 text embeddings are random tensors of the real shapes, as the engine reads them from its cache.
 """
 import argparse
-import time
 
-from common import report
+from common import report, timed
 
 import torch
 
@@ -47,15 +46,13 @@ def step_inputs(unet, res: int, batch: int, scale: int, device):
     return lat, t, emb, extra
 
 
-def training_step(family: str, preset: str, res: int, batch: int, device: str):
-    """One engine training step of a rank-16 LoRA on the UNet with the preset's settings, as a function."""
+def lora_unet(family: str, preset: str, device: str, dtype):
+    """The engine's UNet for a preset: frozen weights in `dtype`, a rank-16 adapter in fp32."""
     from trainer.adapters import adapter_parameters, add_adapter
     from trainer.config import resolve
-    from trainer.optim import make_optimizer
     from trainer.prepare import cast
 
     cfg = resolve(preset)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     unet = build_unet(family, device)
     cast(unet, device, dtype)
     unet.requires_grad_(False)
@@ -66,6 +63,16 @@ def training_step(family: str, preset: str, res: int, batch: int, device: str):
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    return unet, cfg
+
+
+def training_step(family: str, preset: str, res: int, batch: int, device: str):
+    """One engine training step of a rank-16 LoRA on the UNet with the preset's settings, as a function."""
+    from trainer.adapters import adapter_parameters
+    from trainer.optim import make_optimizer
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    unet, cfg = lora_unet(family, preset, device, dtype)
     opt = make_optimizer(cfg.train.optimizer, [{"params": adapter_parameters(unet)}], 1e-4, 0.0, torch.device(device))
     lat, t, emb, extra = step_inputs(unet, res, batch, 2 if family == "tiny" else 8, device)
 
@@ -87,17 +94,9 @@ def measure(family: str, preset: str, res: int, batch: int, device: str, steps: 
     with FlopCounterMode(display=False) as fc:
         step()
     flops = fc.get_total_flops()
-    for _ in range(3):
-        step()
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
+    dt = timed(step, steps, device, warmup=3)
     peak = torch.cuda.max_memory_allocated() / 1024**3 if device.startswith("cuda") else float("nan")
     return {"steps_per_s": 1 / dt, "peak_gb": peak, "tflops_per_step": flops / 1e12, "achieved_tflops": flops / dt / 1e12}
 

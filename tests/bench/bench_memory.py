@@ -22,7 +22,7 @@ import time
 import weakref
 from contextlib import contextmanager, nullcontext
 
-from bench_gpu import CASES, step_inputs as inputs
+from bench_gpu import CASES, lora_unet, step_inputs as inputs
 from common import report
 
 import torch
@@ -94,28 +94,6 @@ def cuda_autocast_norms():
     finally:
         for name, func in originals.items():
             setattr(F, name, func)
-
-
-def lora_unet(family: str, preset: str, device: str, dtype):
-    """The engine's UNet for a preset: frozen weights in `dtype`, a rank-16 adapter in fp32."""
-    from trainer.adapters import adapter_parameters, add_adapter
-    from trainer.config import resolve
-    from trainer.prepare import cast
-
-    from bench_gpu import build_unet
-
-    cfg = resolve(preset)
-    unet = build_unet(family, device)
-    cast(unet, device, dtype)
-    unet.requires_grad_(False)
-    cfg.network.rank = 16
-    add_adapter(unet, cfg.network)
-    for p in adapter_parameters(unet):
-        p.data = p.data.float()
-    if cfg.train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    return unet, cfg
 
 
 def to_fake(module: torch.nn.Module, mode: FakeTensorMode, device: torch.device) -> None:

@@ -35,3 +35,19 @@ def report(name: str, rows: list[dict], notes: dict) -> Path:
                                indent=1))
     print(f"written {path}")
     return path
+
+
+def timed(fn, steps: int, device: str, warmup: int = 1) -> float:
+    """Seconds per call of `fn`, after `warmup` calls, waiting for the GPU where there is one."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
