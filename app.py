@@ -63,9 +63,11 @@ def main(argv=None) -> int:
     os.environ.setdefault("GRADIO_DEFAULT_CONCURRENCY_LIMIT", "4")
     import ui  # noqa: F401  (first: makes the gradio import ~2 s faster, see ui/fast_import.py)
     import gradio as gr
+    from starlette.middleware import Middleware
 
     from ui import space
     from ui.context import AppContext
+    from ui.page_fix import PageFix
     from ui.shell import CSS, build_app
 
     in_space = a.space or space.detected()
@@ -84,7 +86,8 @@ def main(argv=None) -> int:
         space.scope_handlers(app, by="username")
     calm_queue(app)  # the queue Blocks made for itself, with GRADIO_DEFAULT_CONCURRENCY_LIMIT (set above)
     app.launch(server_name=a.host, server_port=a.port, share=a.share, auth=auth, inbrowser=not a.no_browser,
-               theme=gr.themes.Soft(), css=CSS, show_error=False, allowed_paths=[str(ctx.workspace)])
+               theme=gr.themes.Soft(), css=CSS, show_error=False, allowed_paths=[str(ctx.workspace)],
+               app_kwargs={"middleware": [Middleware(PageFix)]})
     return 0
 
 

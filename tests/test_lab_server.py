@@ -1,10 +1,15 @@
 """A lab server: several users, each with their own datasets and runs, sharing one device queue."""
 import json
+import shutil
+import time
+from pathlib import Path
 
 import pytest
 
 from app_server import AppServer
 from trainer.data.demo import make_demo_dataset
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +56,37 @@ def test_users_see_only_their_own_runs_and_share_the_queue(server, tmp_path):
     assert (ws / "users" / "alice" / "runs" / "alice-run").is_dir()
     assert json.loads((ws / "users" / "bob" / "runs" / "bob-again" / "status.json").read_text())["state"] == "completed"
     assert not (ws / "runs" / "alice-run").exists()
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (see .ci/run)")
+def test_each_users_live_page_follows_their_own_run_only(server, tmp_path):
+    """The Train tab's live panel and run history stream each logged-in user's own runs."""
+    from gradio_client import Client
+    from playwright.sync_api import sync_playwright
+
+    data = make_demo_dataset(tmp_path / "live data", count=4, size=64)
+    alice = Client(server.url, auth=("alice", "apple"), verbose=False)
+    bob = Client(server.url, auth=("bob", "banana"), verbose=False)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.goto(server.url)
+        page.get_by_label("username").fill("alice")
+        page.get_by_label("password").fill("apple")
+        page.get_by_role("button", name="Login").click()
+        page.get_by_role("tab", name="3 · Train").click()
+        bob_run = bob.predict(cfg(data, "bob live", 400), api_name="/start_run")
+        time.sleep(5)  # two looks of the stream
+        assert page.locator("#run-progress").get_attribute("data-state") in ("none", "completed", "stopped")
+        assert "bob" not in page.inner_text("#run-history")
+        alice.predict(cfg(data, "alice live", 400), api_name="/start_run")  # waits behind Bob's
+        deadline = time.time() + 20
+        while time.time() < deadline and "alice-live" not in page.inner_text("#run-history"):
+            time.sleep(0.5)
+        assert page.locator("#run-progress").get_attribute("data-state") == "queued"
+        assert "alice-live" in page.inner_text("#run-history") and "bob" not in page.inner_text("#run-history")
+        browser.close()
+    alice.predict("alice-live", api_name="/cancel_run")
+    bob.predict(api_name="/stop_run")
+    for update in bob.submit(bob_run, api_name="/watch"):
+        pass

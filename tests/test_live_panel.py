@@ -1,10 +1,11 @@
-"""The live panel sends a watching page only what changed, and redraws curves at most every few seconds."""
+"""The live panel streams a watching page only what changed, and redraws curves at most every few seconds."""
+import asyncio
+import time
+
+import gradio as gr
+
 from trainer.runs import new_run
-from ui.live_panel import live_update
-
-
-def is_skip(x) -> bool:
-    return isinstance(x, dict) and x.get("__type__") == "update" and len(x) == 1
+from ui.live_panel import HISTORY_EVERY, history_update, is_skip, live_update, streamed
 
 
 def test_a_page_that_has_everything_gets_nothing_and_new_steps_show(tmp_path):
@@ -30,3 +31,38 @@ def test_no_run_yet_shows_the_empty_state_once(tmp_path):
     first = live_update(None, {}, None)
     assert "No run yet" in first[0]
     assert all(is_skip(x) for x in live_update(None, {}, first[5])[:5])
+
+
+def test_history_sends_state_changes_at_once_and_running_steps_now_and_then(monkeypatch):
+    rows = [["a", "running", "1/10", "0.5", "t"]]
+    table, choices, last = history_update(rows, None)
+    assert table == rows and choices["choices"] == ["a"]  # the first look fills table and dropdown
+    later = [["a", "running", "2/10", "0.4", "t"]]
+    assert all(is_skip(x) for x in history_update(later, last)[:2])  # steps alone wait a while
+    monkeypatch.setattr(time, "time", lambda: last["at"] + HISTORY_EVERY + 1)
+    table, choices, _ = history_update(later, last)
+    assert table == later and is_skip(choices)  # then show; the open dropdown is left alone
+    done = [["a", "completed", "10/10", "0.3", "t"], ["b", "queued", "0/5", "—", "t"]]
+    table, choices, _ = history_update(done, last)
+    assert table == done and choices["choices"] == ["a", "b"]  # a state change or a new run: at once
+
+
+def test_the_stream_pushes_changes_survives_a_bad_look_and_sends_a_heartbeat():
+    looks = iter([[1, gr.skip()], [gr.skip(), gr.skip()], OSError("gone"), [gr.skip(), 2], [gr.skip(), gr.skip()]])
+
+    def look(last):
+        x = next(looks, [gr.skip(), gr.skip()])
+        if isinstance(x, Exception):
+            raise x
+        return x, last
+
+    async def first(n):
+        got, stream = [], streamed(look, every=0.01, heartbeat=0.05)()
+        async for out in stream:
+            got.append(out)
+            if len(got) == n:
+                return got
+
+    got = asyncio.run(first(3))
+    assert got[0][0] == 1 and got[1][1] == 2  # changes only; the failed look was skipped
+    assert all(is_skip(x) for x in got[2])  # nothing new for a while: an empty heartbeat

@@ -129,6 +129,25 @@ def test_the_app_going_away_stops_its_job_with_a_checkpoint_to_resume_from(demo_
     assert latest_checkpoint(run.checkpoints_dir) is not None
 
 
+def test_resume_right_after_the_page_shows_stopped_is_taken(demo_dir, tmp_path):
+    """A run shows 'stopped' as soon as its job says so, a moment before its process has ended: a
+    Resume clicked then must resume it, not say it is still running."""
+    jobs = JobManager(tmp_path)
+    run = jobs.start(tiny_config(demo_dir, name="quick", **{"train.steps": 400}))
+    deadline = time.time() + 120
+    while (run.status().get("step") or 0) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    jobs.stop(run)
+    while run.status().get("state") != "stopped" and time.time() < deadline:
+        time.sleep(0.01)
+    jobs.resume(run.path)  # raised "already running or waiting" before
+    while (run.status().get("step") or 0) < 4 and time.time() < deadline:
+        time.sleep(0.2)
+    assert run.status()["state"] == "running"
+    jobs.stop(run)
+    jobs.wait(60)
+
+
 def test_runs_left_running_by_a_dead_process_show_as_interrupted_with_resume(tmp_path):
     run = new_run(tmp_path, "orphan")
     (run.path / "config.yaml").write_text("name: orphan\n")

@@ -48,7 +48,7 @@ def wait_for(fn, timeout=120, every=0.5, what="condition"):
         if value:
             return value
         time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
 
 
 def pick(page, elem_id, option_text):
@@ -130,7 +130,9 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     page.click("#history-pick input")
     page.get_by_role("option", name="browser-run").click()
     page.click("#history-resume")
-    wait_for(lambda: "Resumed" in page.inner_text("#train-message"), 30, what="resume")
+    wait_for(lambda: "Resumed" in page.inner_text("#train-message"), 30,
+             what=lambda: f"resume (message {page.inner_text('#train-message')!r}, "
+                          f"picked {page.locator('#history-pick input').input_value()!r})")
     wait_for(lambda: progress(page)[0] == "running" and progress(page)[1] > stopped_at, 60, what="running again")
     page.reload()
     page.get_by_role("tab", name="3 · Train").click()

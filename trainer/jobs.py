@@ -168,6 +168,11 @@ class JobManager:
         state = run.status().get("state")
         if state == "completed":
             raise LoraLabError(f"{run.name} has already completed.", "Start a new run to train more.")
+        slot = self.slot_for(run)
+        if slot and slot.thread and state not in ("running", "queued"):
+            # The job has said it stopped, so a page shows it stopped, but its process is still ending
+            # (the interpreter's teardown): give it those moments rather than refuse the Resume click.
+            slot.thread.join(30)
         if self.slot_for(run):
             raise LoraLabError(f"{run.name} is already running or waiting.", "Watch it in the Train tab.")
         with self.lock:

@@ -3,11 +3,16 @@ read from its run folder (the source of truth), and sent to the page only where 
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
+import anyio
 import gradio as gr
 
 from trainer.runs import RunDir
+
+log = logging.getLogger(__name__)
 
 STATE_ICON = {"running": "running", "completed": "completed", "stopped": "stopped (resumable)",
               "failed": "FAILED", "interrupted": "interrupted (resumable)", "queued": "queued"}
@@ -127,3 +132,42 @@ def live_update(run: RunDir | None, latest: dict, last: dict | None):
     if state["samples"] != last.get("samples"):
         out[4] = [(str(p), p.stem) for p in run.samples()]
     return (*out, state)
+
+
+HISTORY_EVERY = 15.0  # seconds between history-table refreshes for a running run's step and loss
+
+
+def history_update(rows: list[list], last: dict | None):
+    """(table, dropdown choices, new state) for the run history: at once when runs come or go or change
+    state, and a running run's steps and loss every HISTORY_EVERY seconds; the dropdown's choices only
+    when runs come or go, so an open dropdown is not disturbed."""
+    names, states, now = [r[0] for r in rows], [r[:2] for r in rows], time.time()
+    if last is not None and (rows == last["rows"] or (states == last["states"] and now - last["at"] < HISTORY_EVERY)):
+        return gr.skip(), gr.skip(), last
+    choices = gr.update(choices=names) if last is None or names != last["names"] else gr.skip()
+    return rows, choices, {"names": names, "states": states, "rows": rows, "at": now}
+
+
+def is_skip(x) -> bool:
+    return isinstance(x, dict) and x.get("__type__") == "update" and len(x) == 1
+
+
+def streamed(look, every: float = 2.0, heartbeat: float = 30.0):
+    """An async generator for a page-load event: `look(last)` -> (outputs, state) every `every` seconds,
+    pushed to the page only when an output changed. An open page holds no thread between looks; a quiet
+    page still gets an empty update every `heartbeat` seconds, because that is when Gradio notices a
+    closed page and ends its stream."""
+    async def stream():
+        last, quiet = None, 0.0
+        while True:
+            try:
+                out, last = await anyio.to_thread.run_sync(look, last)  # file reads, off the event loop
+            except Exception:  # e.g. a run folder deleted while being read: look again next time
+                log.warning("live panel: could not read the run", exc_info=True)
+                out = None
+            if out is not None and (quiet >= heartbeat or not all(is_skip(x) for x in out)):
+                quiet = 0.0
+                yield out
+            await asyncio.sleep(every)
+            quiet += every
+    return stream

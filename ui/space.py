@@ -42,7 +42,21 @@ def _scoped(fn, by: str):
             req = args.pop(cut)
         return getattr(req, by, None) or "anonymous"
 
-    if inspect.isgeneratorfunction(fn):
+    if inspect.isasyncgenfunction(fn):
+        @functools.wraps(fn)
+        async def agen(*args, **kwargs):
+            args = list(args)
+            who = session_of(args, kwargs)
+            steps = fn(*args, **kwargs)
+            while True:
+                visitor.set(who)  # as below: each step may run in a fresh copy of the context
+                try:
+                    value = await steps.__anext__()
+                except StopAsyncIteration:
+                    return
+                yield value
+        wrapper = agen
+    elif inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen(*args, **kwargs):
             args = list(args)
