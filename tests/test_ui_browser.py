@@ -162,3 +162,12 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     names = zipfile.ZipFile(zips[0]).namelist()
     assert {"prompts.txt", "config.yaml", "loss.png", "lora/browser-run.safetensors", "settings.json"} <= set(names)
     assert sum(n.startswith("images/") for n in names) == 2
+
+    # The strength sweep (LoRA 1 at 0 … 1) and the checkpoints × prompts grid of its run.
+    page.get_by_role("button", name="Strength sweep (LoRA 1)").click()
+    wait_for(lambda: page.locator("#test-gallery img").count() == 5 and "strength 0.75" in page.inner_text(
+        "#test-gallery"), 120, what="a sweep of five strengths")
+    page.get_by_role("button", name="Checkpoints × prompts (LoRA 1's run)").click()
+    saved = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+    wait_for(lambda: all(f"step {n} · lablora" in page.inner_text("#test-gallery") for n in saved), 120,
+             what=f"one image per checkpoint {saved}")
