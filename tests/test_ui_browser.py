@@ -171,3 +171,18 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     saved = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
     wait_for(lambda: all(f"step {n} · lablora" in page.inner_text("#test-gallery") for n in saved), 120,
              what=f"one image per checkpoint {saved}")
+
+
+def test_an_open_page_at_rest_draws_no_frames(server, browser):
+    """A page left open costs its machine (often the training machine) nothing: Gradio's loading
+    screen leaves a 60-frames-a-second loop behind, which ui/page_fix.py slows to 4 calls a second."""
+    page = browser.new_page()
+    page.add_init_script("""window.__frames = 0; const raf = window.requestAnimationFrame.bind(window);
+        window.requestAnimationFrame = (cb) => { window.__frames++; return raf(cb); };""")
+    page.goto(server.url)
+    page.get_by_role("tab", name="3 · Train").click()
+    time.sleep(4)  # loaded and settled
+    page.evaluate("window.__frames = 0")
+    time.sleep(4)
+    assert page.evaluate("window.__frames") / 4 < 5  # was 60 a second
+    page.close()
