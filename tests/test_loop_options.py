@@ -108,3 +108,13 @@ def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(demo_dir, tmp
     st = json.loads((run / "status.json").read_text())
     assert st["state"] == "failed" and "learning_rate" in st["advice"]
     assert list((run / "checkpoints").glob("step-*"))
+
+
+def test_compile_is_not_used_on_the_cpu_where_it_loses_gradients(demo_dir, tmp_path):
+    """torch.compile's CPU code gave the mid block's LoRA no gradient (tests/bench/check_compile.py):
+    on the CPU, train.compile is left out with a line in the log, and the run learns as without it."""
+    over = {"train.steps": 3, "dataset.bucketing": False}
+    plain = run_job(tiny_config(demo_dir, name="plain", **over), tmp_path)
+    asked = run_job(tiny_config(demo_dir, name="asked", **{**over, "train.compile": True}), tmp_path)
+    assert losses(asked) == losses(plain)
+    assert "train.compile: not used on the CPU" in asked.log_path.read_text()
