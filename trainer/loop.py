@@ -64,6 +64,7 @@ class Job:
         self.callback = callback or (lambda e: None)
         self.control = control or Control()
         self.main = True
+        self.cuda = None  # the CUDA device being trained on, whose memory the progress reports
 
     def emit(self, kind: str, **data) -> None:
         if self.main:
@@ -220,6 +221,9 @@ class Job:
             unet = torch.compile(unet)
         unet, optimizer = acc.prepare(unet, p.optimizer)
         step = self.restore(p, acc) if resume else p.start_step
+        self.cuda = device if device.type == "cuda" else None
+        if self.cuda:  # the peak shown is the training's: caching (VAE, text encoders) is over by now
+            torch.cuda.reset_peak_memory_stats(device)
         if resume and self.main:
             self.run.truncate_metrics(step)
         total = p.start_step + cfg.train.steps
@@ -276,6 +280,8 @@ class Job:
             self.log(f"stopped at step {step}; resume continues from here")
             return self.run
         self.save(p, step, acc)
+        if self.cuda:
+            self.log(f"peak GPU memory while training: {torch.cuda.max_memory_allocated(self.cuda) / 1024**3:.2f} GB")
         if self.main:
             if cfg.sample.prompts and not (cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0):
                 self.sample(p, step, acc.unwrap_model(unet), device)
@@ -289,7 +295,8 @@ class Job:
 
     def flush(self, pending, acc, step, total, t0, done0) -> float:
         losses = acc.reduce(torch.stack([l for _, l, _ in pending]), reduction="mean").float().cpu().tolist()
-        memory = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
+        memory = torch.cuda.memory_allocated(self.cuda) if self.cuda else None
+        peak = torch.cuda.max_memory_allocated(self.cuda) if self.cuda else None
         speed = eta = None
         for (s, _, lr), loss in zip(pending, losses):
             if not math.isfinite(loss):
@@ -300,10 +307,11 @@ class Job:
             row = {"step": s, "loss": loss, "lr": lr, "time": time.time()}
             if self.main:
                 self.run.append_metrics(row)
-            self.emit("step", step=s, total=total, loss=loss, lr=lr, speed=speed, eta=eta, memory=memory)
+            self.emit("step", step=s, total=total, loss=loss, lr=lr, speed=speed, eta=eta, memory=memory,
+                      peak_memory=peak)
         if self.main:  # what a watcher (the app, another tab) shows; it reads this file, never waits on us
             self.run.set_status("running", step=step, total_steps=total, last_loss=losses[-1], speed=speed, eta=eta,
-                                memory=memory)
+                                memory=memory, peak_memory=peak)
         return losses[-1]
 
 

@@ -73,7 +73,8 @@ def progress_html(st: dict, latest: dict) -> str:
     if state == "running" and latest.get("speed"):
         bits += [f"{latest['speed']:.2f} steps/s", f"ETA {fmt_eta(latest.get('eta'))}"]
     if latest.get("memory"):
-        bits.append(f"GPU memory {latest['memory'] / 1024**3:.1f} GB")
+        peak = f" (peak {latest['peak_memory'] / 1024**3:.1f} GB)" if latest.get("peak_memory") else ""
+        bits.append(f"GPU memory {latest['memory'] / 1024**3:.1f} GB{peak}")
     if state == "queued" and latest.get("position"):
         bits.append(f"number {latest['position']} of {latest['waiting']} waiting for a device")
     if state == "running" and latest.get("phase") and not latest.get("speed"):

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU benchmarks in one command, for a machine that has PyTorch with CUDA but maybe not the rest:
+# wheels in .whl/ (diffusers, peft, bitsandbytes, ...) are installed to /tmp/site first.
+#   bash tests/bench/gpu_session.sh engine-sd15|engine-sdxl|steps|compile|encode ...  [OUT=folder]
+# Each part's log and JSON go to tests/bench/results/, packed after each part into $OUT/results.tgz
+# (when OUT is set); a part stopped by its time limit does not stop the next.
+set -u
+cd "$(dirname "$0")/../.."
+LOGS=tests/bench/results
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=${PY:-python3}
+if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$LOGS/gpu.txt"
+$PY -c "import torch, diffusers, peft, transformers, accelerate, bitsandbytes as b; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'bitsandbytes', b.__version__)" | tee -a "$LOGS/gpu.txt"
+part() {  # name, seconds, command...
+    local name=$1 limit=$2; shift 2
+    echo "=== $name (limit ${limit}s)"
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    echo "exit $? after $((SECONDS - t0)) s"
+    grep -v -E "Loading|it/s\]|warn" "$LOGS/$name.log" | tail -n 14
+    [ -n "${OUT:-}" ] && tar czf "$OUT/results.tgz" -C "$LOGS" .
+}
+for p in "$@"; do
+    case $p in
+        engine-sd15) part engine-sd15 330 $PY tests/bench/bench_engine_gpu.py --cases sd15-8gb-b1,sd15-8gb-b4,sd15-12gb-b4 ;;
+        engine-sdxl) part engine-sdxl 400 $PY tests/bench/bench_engine_gpu.py --cases sdxl-12gb-b1,sdxl-24gb-b1 ;;
+        steps) part steps 200 $PY tests/bench/bench_gpu.py --steps 40 ;;
+        compile) part compile-tiny 90 $PY tests/bench/check_compile.py --device cuda --family tiny
+                 part compile-sd15 240 $PY tests/bench/check_compile.py --device cuda --family sd15 ;;
+        encode) part encode 120 $PY tests/bench/bench_encode_cost.py --device cuda --steps 20 ;;
+    esac
+done
