@@ -49,3 +49,40 @@ def test_bf16_training_samples_and_exports_a_working_lora(demo_dir, tmp_path):
     base = pixels(generate(model, ["a red square"], seed=1, steps=4)[0])
     tuned = pixels(generate(model, ["a red square"], seed=1, steps=4, loras=[(run.lora_path("bf"), 1.0)])[0])
     assert np.abs(base - tuned).mean() > 1  # the bf16-trained LoRA changes the picture
+
+
+def test_skipping_peft_input_casts_changes_no_gradient():
+    """The engine turns off peft's cast of each layer's input to fp32 under autocast (a quarter of
+    an SD 1.5 step's GPU kernels); the adapter's gradients must stay exactly what they were."""
+    from trainer.adapters import adapter_parameters, add_adapter, skip_input_casts
+    from trainer.config import NetworkConfig
+
+    def grads(skip: bool) -> list[torch.Tensor]:
+        unet = load_base("tiny-demo").unet.to(torch.bfloat16).requires_grad_(False)
+        torch.manual_seed(0)  # peft draws lora_A from the global generator
+        add_adapter(unet, NetworkConfig(rank=4, alpha=4))
+        assert skip_input_casts(unet, "lora") > 0 if skip else True
+        for p in adapter_parameters(unet):
+            p.data = p.data.float()
+            if p.ndim == 2 and p.abs().max() == 0:  # lora_B starts at zero: give lora_A a gradient too
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(p.numel()))
+        g = torch.Generator().manual_seed(0)
+        lat, emb = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = unet(lat, torch.tensor([10, 500]), emb).sample
+        out.float().pow(2).mean().backward()
+        return [p.grad for p in adapter_parameters(unet)]
+
+    plain, skipped = grads(False), grads(True)
+    assert all(g is not None and g.abs().max() > 0 for g in skipped)
+    assert all(torch.equal(a, b) for a, b in zip(plain, skipped))
+
+
+@pytest.mark.parametrize("algorithm", ["dora", "loha", "lokr", "oft"])
+def test_input_casts_stay_for_adapters_computed_outside_matmuls(algorithm):
+    from trainer.adapters import add_adapter, skip_input_casts
+    from trainer.config import NetworkConfig
+
+    unet = load_base("tiny-demo").unet
+    add_adapter(unet, NetworkConfig(algorithm=algorithm, rank=4, alpha=4))
+    assert skip_input_casts(unet, algorithm) == 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import adapter_layers, adapter_parameters, add_adapter, load_adapter_state
+from .adapters import adapter_layers, adapter_parameters, add_adapter, load_adapter_state, skip_input_casts
 from .cache import LatentCache, TextCache
 from .data.plan import Example, epoch_batches, plan_examples
 from .data.sources import Dataset, load_dataset_source
@@ -148,6 +148,8 @@ def setup_adapters(cfg, model: BaseModel, device, weight_dtype) -> tuple[list[di
     if weight_dtype == torch.bfloat16:  # latents are cached: the VAE only decodes samples now. bf16 has
         model.vae.to(dtype=weight_dtype)  # fp32's range; in fp16 SDXL's VAE overflows, so it stays fp32
     add_adapter(model.unet, net)
+    if weight_dtype != torch.float32:  # the UNet then always runs under autocast
+        skip_input_casts(model.unet, net.algorithm)
     tes = model.text_encoders if net.train_text_encoder else []
     for te in tes:
         te.to(device, weight_dtype)

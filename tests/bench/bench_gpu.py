@@ -46,9 +46,9 @@ def step_inputs(unet, res: int, batch: int, scale: int, device):
     return lat, t, emb, extra
 
 
-def lora_unet(family: str, preset: str, device: str, dtype):
+def lora_unet(family: str, preset: str, device: str, dtype, peft_casts: bool = False):
     """The engine's UNet for a preset: frozen weights in `dtype`, a rank-16 adapter in fp32."""
-    from trainer.adapters import adapter_parameters, add_adapter
+    from trainer.adapters import adapter_parameters, add_adapter, skip_input_casts
     from trainer.config import resolve
     from trainer.prepare import cast
 
@@ -58,6 +58,8 @@ def lora_unet(family: str, preset: str, device: str, dtype):
     unet.requires_grad_(False)
     cfg.network.rank = 16
     add_adapter(unet, cfg.network)
+    if dtype != torch.float32 and not peft_casts:
+        skip_input_casts(unet, cfg.network.algorithm)
     for p in adapter_parameters(unet):
         p.data = p.data.float()
     if cfg.train.gradient_checkpointing:
@@ -66,19 +68,21 @@ def lora_unet(family: str, preset: str, device: str, dtype):
     return unet, cfg
 
 
-def training_step(family: str, preset: str, res: int, batch: int, device: str):
+def training_step(family: str, preset: str, res: int, batch: int, device: str, compile: bool = False,
+                  peft_casts: bool = False):
     """One engine training step of a rank-16 LoRA on the UNet with the preset's settings, as a function."""
     from trainer.adapters import adapter_parameters
     from trainer.optim import make_optimizer
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    unet, cfg = lora_unet(family, preset, device, dtype)
+    unet, cfg = lora_unet(family, preset, device, dtype, peft_casts)
     opt = make_optimizer(cfg.train.optimizer, [{"params": adapter_parameters(unet)}], 1e-4, 0.0, torch.device(device))
     lat, t, emb, extra = step_inputs(unet, res, batch, 2 if family == "tiny" else 8, device)
+    model = torch.compile(unet) if compile else unet  # as the engine does with train.compile
 
     def step():
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-            pred = unet(lat, t, emb, added_cond_kwargs=extra).sample
+            pred = model(lat, t, emb, added_cond_kwargs=extra).sample
         loss = torch.nn.functional.mse_loss(pred.float(), lat)
         loss.backward()
         opt.step()
