@@ -31,12 +31,13 @@ for p in "$@"; do
         engine-sd15-b1) part engine-sd15-b1 150 $PY tests/bench/bench_engine_gpu.py --cases sd15-8gb-b1 ;;
         engine-sdxl) part engine-sdxl 330 $PY tests/bench/bench_engine_gpu.py --cases sdxl-12gb-b1,sdxl-24gb-b1 \
                          --steps 60 --reference sdxl-12gb-b1 ;;
-        steps) part steps 200 $PY tests/bench/bench_gpu.py --steps 40 ;;
+        steps) part steps 180 $PY tests/bench/bench_gpu.py --steps 30 ;;
         compile) part compile-tiny 90 $PY tests/bench/check_compile.py --device cuda --family tiny
                  part compile-sd15 240 $PY tests/bench/check_compile.py --device cuda --family sd15 ;;
         profile) part profile-8gb 200 $PY tests/bench/profile_step.py --preset sd15-8gb --peft-casts --compile ;;
+        profile-sdxl) part profile-sdxl 120 $PY tests/bench/profile_step.py --family sdxl --preset sdxl-12gb ;;
         profile-casts) part profile-casts 90 $PY tests/bench/profile_step.py --preset sd15-8gb --peft-casts ;;
         compile-sd15) part compile-sd15 220 $PY tests/bench/check_compile.py --device cuda --family sd15 ;;
-        encode) part encode 120 $PY tests/bench/bench_encode_cost.py --device cuda --steps 20 ;;
+        encode) part encode 100 $PY tests/bench/bench_encode_cost.py --device cuda --steps 20 ;;
     esac
 done
