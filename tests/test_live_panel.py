@@ -66,3 +66,12 @@ def test_the_stream_pushes_changes_survives_a_bad_look_and_sends_a_heartbeat():
     got = asyncio.run(first(3))
     assert got[0][0] == 1 and got[1][1] == 2  # changes only; the failed look was skipped
     assert all(is_skip(x) for x in got[2])  # nothing new for a while: an empty heartbeat
+
+
+def test_progress_shows_gpu_memory_and_the_training_peak():
+    from ui.live_panel import progress_html
+
+    st = {"state": "running", "step": 40, "total_steps": 100}
+    html = progress_html(st, {"speed": 2.0, "eta": 30, "memory": 2.5 * 1024**3, "peak_memory": 3.25 * 1024**3})
+    assert "2.00 steps/s" in html and "GPU memory 2.5 GB (peak 3.2 GB)" in html
+    assert "GPU memory" not in progress_html(st, {"speed": 2.0, "eta": 30})  # a CPU run has none
