@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one command, for a machine that has PyTorch with CUDA but maybe not the rest:
 # wheels in .whl/ (diffusers, peft, bitsandbytes, ...) are installed to /tmp/site first.
-#   bash tests/bench/gpu_session.sh engine-sd15|engine-sdxl|steps|compile|encode ...  [OUT=folder]
+#   bash tests/bench/gpu_session.sh PART...     (OUT=folder to pack the results there)
+# PART: engine-sd15, engine-sd15-b1, engine-sdxl, steps, compile, compile-sd15, profile, profile-sdxl,
+#       profile-casts, encode; tests/bench/results/gpu/NOTES.md says what each found.
 # Each part's log and JSON go to tests/bench/results/, packed after each part into $OUT/results.tgz
 # (when OUT is set); a part stopped by its time limit does not stop the next.
 set -u
