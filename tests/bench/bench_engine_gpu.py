@@ -56,10 +56,6 @@ def sync():
         torch.cuda.synchronize()
 
 
-def family_of(case: str) -> str:
-    return CASES[case][0]
-
-
 def images(folder: Path, res: int, count: int = 16) -> Path:
     from trainer.data.demo import make_demo_dataset
 
@@ -68,7 +64,7 @@ def images(folder: Path, res: int, count: int = 16) -> Path:
     return folder
 
 
-def settings(model: Path, data: Path, preset: str, res: int, batch: int, steps: int) -> dict:
+def settings(model: Path, data: Path, res: int, batch: int, steps: int) -> dict:
     return {"name": "bench", "model": {"base": str(model)},
             "dataset": {"source": str(data), "resolution": res, "bucketing": False, "resize": "crop"},
             "network": {"rank": 16},
@@ -80,7 +76,7 @@ def engine(model: Path, data: Path, preset: str, res: int, batch: int, steps: in
     from trainer.config import resolve
     from trainer.loop import run_job
 
-    cfg = resolve(preset, extra=settings(model, data, preset, res, batch, steps))
+    cfg = resolve(preset, extra=settings(model, data, res, batch, steps))
     reset_peak()
     t0 = time.time()
     with tempfile.TemporaryDirectory() as ws:
@@ -101,7 +97,7 @@ def reference(model: Path, data: Path, preset: str, res: int, batch: int, steps:
     from trainer.data.images import fit, open_image, to_tensor
     from trainer.models.load import load_base
 
-    cfg = resolve(preset, extra=settings(model, data, preset, res, batch, steps))
+    cfg = resolve(preset, extra=settings(model, data, res, batch, steps))
     AcceleratorState._reset_state()  # the engine's run made one already
     wd = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     acc = Accelerator(mixed_precision="bf16" if DEVICE == "cuda" else "no", cpu=DEVICE == "cpu")
@@ -191,7 +187,7 @@ def main():
         if a.smoke:
             from trainer.models.tiny import save_tiny
 
-            kind = "tiny-demo-xl" if family_of(name) == "sdxl" else "tiny-demo"
+            kind = "tiny-demo-xl" if family == "sdxl" else "tiny-demo"
             model = a.models / kind
             if not model.exists():
                 save_tiny(model, kind)

@@ -34,8 +34,7 @@ for p in "$@"; do
         engine-sdxl) part engine-sdxl 330 $PY tests/bench/bench_engine_gpu.py --cases sdxl-12gb-b1,sdxl-24gb-b1 \
                          --steps 60 --reference sdxl-12gb-b1 ;;
         steps) part steps 180 $PY tests/bench/bench_gpu.py --steps 30 ;;
-        compile) part compile-tiny 90 $PY tests/bench/check_compile.py --device cuda --family tiny
-                 part compile-sd15 240 $PY tests/bench/check_compile.py --device cuda --family sd15 ;;
+        compile) part compile-tiny 90 $PY tests/bench/check_compile.py --device cuda --family tiny ;;
         profile) part profile-8gb 200 $PY tests/bench/profile_step.py --preset sd15-8gb --peft-casts --compile ;;
         profile-sdxl) part profile-sdxl 120 $PY tests/bench/profile_step.py --family sdxl --preset sdxl-12gb ;;
         profile-casts) part profile-casts 90 $PY tests/bench/profile_step.py --preset sd15-8gb --peft-casts ;;
