@@ -54,6 +54,16 @@ def main(argv=None) -> int:
         return 2
     auth = [tuple(x.split(":", 1)) for x in pairs] or None
     per_user = bool(auth) and len(auth) > 1
+    if auth:
+        from ui.identity import folder_name
+
+        folders: dict[str, str] = {}
+        for user, _ in auth:
+            other = folders.setdefault(folder_name(user).lower(), user)
+            if other != user:  # e.g. Alice and alice, on a file system that ignores case
+                print(f"error: the users {other!r} and {user!r} would share a workspace folder; rename one",
+                      file=sys.stderr)
+                return 2
     if (a.share or a.host not in ("127.0.0.1", "localhost", "::1")) and not auth and not os.environ.get("SPACE_ID"):
         print("\n" + "!" * 72 + "\n  WARNING: LoRA Lab is reachable from other machines without a password.\n"
               "  Anyone who can reach it can read files and run training. Add --auth user:password.\n"
@@ -67,6 +77,7 @@ def main(argv=None) -> int:
 
     from ui import space
     from ui.context import AppContext
+    from ui.guard import Guard
     from ui.page_fix import PageFix
     from ui.shell import CSS, build_app
 
@@ -78,16 +89,17 @@ def main(argv=None) -> int:
     data_dirs = a.data_dir if a.data_dir is not None else ([str(Path.home())] if local else [])
     devices = [d.strip() for d in a.devices.split(",")] if a.devices else None
     ctx = AppContext.create(a.workspace, a.models_dir, a.allow_pickle, space=in_space, data_dirs=data_dirs,
-                            per_user=per_user and not in_space, devices=devices)
+                            per_user=per_user and not in_space, devices=devices, local=local)
     app = build_app(ctx)
-    if in_space:
-        space.scope_handlers(app)
-    elif ctx.per_user:
-        space.scope_handlers(app, by="username")
+    if in_space or ctx.per_user:
+        space.scope_handlers(app, ctx)
     calm_queue(app)  # the queue Blocks made for itself, with GRADIO_DEFAULT_CONCURRENCY_LIMIT (set above)
+    # The workspace is served so that files shown in the page load from where they are; Guard lets each
+    # caller fetch from their own workspace only.
     app.launch(server_name=a.host, server_port=a.port, share=a.share, auth=auth, inbrowser=not a.no_browser,
-               theme=gr.themes.Soft(), css=CSS, show_error=False, allowed_paths=[str(ctx.workspace)],
-               app_kwargs={"middleware": [Middleware(PageFix)]})
+               theme=gr.themes.Soft(), css=CSS, show_error=False, allowed_paths=[str(ctx.root)],
+               max_file_size=space.MAX_UPLOAD if in_space else None,
+               app_kwargs={"middleware": [Middleware(Guard, ctx=ctx), Middleware(PageFix)]})
     return 0
 
 

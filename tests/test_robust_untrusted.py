@@ -9,6 +9,7 @@ import pytest
 from app_server import ROOT, free_port
 from trainer.errors import LoraLabError
 from trainer.runs import new_run, safe_name
+from ui.access import read_path
 from ui.context import AppContext
 
 
@@ -18,14 +19,14 @@ def test_paths_are_confined_to_the_workspace_and_configured_folders(tmp_path):
     secret = tmp_path / "secret"
     secret.mkdir()
     ctx = AppContext.create(tmp_path / "ws", data_dirs=[str(allowed)])
-    assert ctx.user_path(str(allowed / "set")) == (allowed / "set").resolve()
-    assert ctx.user_path("datasets") == (tmp_path / "ws" / "datasets").resolve()
+    assert read_path(ctx, str(allowed / "set")) == (allowed / "set").resolve()
+    assert read_path(ctx, "datasets") == (tmp_path / "ws" / "datasets").resolve()
     for bad in [str(secret), str(allowed / ".." / "secret"), "../../secret", "/etc"]:
         with pytest.raises(LoraLabError, match="outside the folders"):
-            ctx.user_path(bad)
+            read_path(ctx, bad)
     (allowed / "link").symlink_to(secret)
     with pytest.raises(LoraLabError, match="outside the folders"):
-        ctx.user_path(str(allowed / "link"))
+        read_path(ctx, str(allowed / "link"))
 
 
 @pytest.mark.parametrize("name, expect", [("../../etc/passwd", "etc-passwd"), ("my run", "my-run"),

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .errors import LoraLabError
+from .errors import LoraLabError, shown
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -173,10 +173,10 @@ def _coerce(key: str, f: dataclasses.Field, value: Any):
         elif isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
             out = value.lower() in ("true", "yes", "on", "1")
         else:
-            raise LoraLabError(f"{key}: expected true or false, got {value!r}.")
+            raise LoraLabError(f"{key}: expected true or false, got {shown(value)}.")
     elif kind is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise LoraLabError(f"{key}: expected a whole number, got {value!r}.")
+            raise LoraLabError(f"{key}: expected a whole number, got {shown(value)}.")
         out = int(value)
     elif kind is float:
         if isinstance(value, str):
@@ -185,32 +185,33 @@ def _coerce(key: str, f: dataclasses.Field, value: Any):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise LoraLabError(f"{key}: expected a number, got {value!r}.")
+            raise LoraLabError(f"{key}: expected a number, got {shown(value)}.")
         out = float(value)
         if out != out or out in (float("inf"), float("-inf")):
-            raise LoraLabError(f"{key}: expected a finite number, got {value!r}.")
+            raise LoraLabError(f"{key}: expected a finite number, got {shown(value)}.")
     elif kind is list:
         if isinstance(value, str):
             value = [line for line in value.splitlines() if line.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise LoraLabError(f"{key}: expected a list of text lines, got {value!r}.")
+            raise LoraLabError(f"{key}: expected a list of text lines, got {shown(value)}.")
         out = list(value)
     else:
         if value is None:
             value = ""
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise LoraLabError(f"{key}: expected text, got {value!r}.")
+            raise LoraLabError(f"{key}: expected text, got {shown(value)}.")
         out = str(value)
     choices = meta.get("choices")
     if choices and out not in choices:
-        raise LoraLabError(f"{key}: {out!r} is not allowed.", f"Use one of: {', '.join(map(str, choices))}.")
+        raise LoraLabError(f"{key}: {shown(out)} is not allowed.", f"Use one of: {', '.join(map(str, choices))}.")
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and out < lo or hi is not None and out > hi:
-        raise LoraLabError(f"{key}: {out!r} is out of range.", f"Allowed: {lo} to {hi}.")
+        raise LoraLabError(f"{key}: {shown(out)} is out of range.", f"Allowed: {lo} to {hi}.")
     return out
 
 
-def _unknown(key: str, known: list[str]) -> LoraLabError:
+def _unknown(key, known: list[str]) -> LoraLabError:
+    key = shown(key)
     close = difflib.get_close_matches(key.split(".")[-1], known, n=1)
     hint = f"Did you mean '{close[0]}'?" if close else f"Known keys: {', '.join(known)}."
     return LoraLabError(f"Unknown config key '{key}'.", hint)
@@ -218,11 +219,12 @@ def _unknown(key: str, known: list[str]) -> LoraLabError:
 
 def config_from_dict(data: dict | None) -> Config:
     """Build a validated Config from nested plain data; unknown keys and bad values are refused."""
+    if not isinstance(data or {}, dict):
+        raise LoraLabError(f"A config must be a mapping of sections to settings, got {shown(data)}.",
+                           "Write it as in config.yaml: 'train:' on one line, '  steps: 500' under it.")
     data = dict(data or {})
     data.pop("description", None)  # presets carry one for the UI
     cfg = Config()
-    if not isinstance(data, dict):
-        raise LoraLabError("A config must be a mapping of sections to settings.")
     top = ["name", *SECTIONS]
     for key, value in data.items():
         if key == "name":
@@ -233,7 +235,7 @@ def config_from_dict(data: dict | None) -> Config:
         if value is None:
             continue
         if not isinstance(value, dict):
-            raise LoraLabError(f"'{key}' must be a section of settings, got {value!r}.")
+            raise LoraLabError(f"'{key}' must be a section of settings, got {shown(value)}.")
         section = getattr(cfg, key)
         fields = {f.name: f for f in dataclasses.fields(section)}
         for sub, v in value.items():
@@ -258,11 +260,11 @@ def parse_set(items: list[str]) -> dict:
     out: dict = {}
     for item in items or []:
         if "=" not in item:
-            raise LoraLabError(f"--set {item!r} has no '='.", "Write it as section.key=value, e.g. train.steps=500.")
+            raise LoraLabError(f"--set {shown(item)} has no '='.", "Write it as section.key=value, e.g. train.steps=500.")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            value = parse_yaml(raw, "--set value") if raw.strip() else ""
+        except LoraLabError:
             value = raw
         parts = key.strip().split(".")
         if parts == ["name"]:
@@ -270,8 +272,29 @@ def parse_set(items: list[str]) -> dict:
         elif len(parts) == 2:
             out.setdefault(parts[0], {})[parts[1]] = value
         else:
-            raise LoraLabError(f"--set key {key!r} is not section.key.", "For example: train.learning_rate=1e-4.")
+            raise LoraLabError(f"--set key {shown(key)} is not section.key.", "For example: train.learning_rate=1e-4.")
     return out
+
+
+MAX_YAML = 256 * 1024  # characters: a config is a few kB
+
+
+def parse_yaml(text: str, what: str = "The config"):
+    """Plain YAML data from untrusted text: bounded in size, with no anchors or aliases.
+
+    safe_load already refuses `!!python` tags; aliases are refused before anything is built, because
+    a few hundred bytes of nested aliases stand for gigabytes once anything walks the data.
+    """
+    if len(text) > MAX_YAML:
+        raise LoraLabError(f"{what} is {len(text):,} characters long.", f"A config is at most {MAX_YAML:,}.")
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise LoraLabError(f"{what} uses YAML anchors or aliases (& and *).",
+                                   "Write each value out in full.")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise LoraLabError(f"{what} is not valid YAML: {shown(str(e), 300)}", "Fix it and try again.")
 
 
 def read_yaml(path: Path) -> dict:
@@ -279,9 +302,9 @@ def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise LoraLabError(f"Config file {path} does not exist.", "Check the path.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise LoraLabError(f"Config file {path} is not valid YAML: {e}".strip(), "Fix the file and try again.")
+        data = parse_yaml(path.read_text(encoding="utf-8"), f"Config file {path}") or {}
+    except UnicodeDecodeError:
+        raise LoraLabError(f"Config file {path} is not UTF-8 text.", "Save it as UTF-8 and try again.")
     if not isinstance(data, dict):
         raise LoraLabError(f"Config file {path} must hold a mapping of sections.")
     return data
@@ -297,8 +320,8 @@ def list_presets() -> dict[str, str]:
 
 def preset_dict(name: str) -> dict:
     path = PRESETS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise LoraLabError(f"Unknown preset '{name}'.", f"Available: {', '.join(list_presets()) or 'none'}.")
+    if not isinstance(name, str) or name not in {p.stem for p in PRESETS_DIR.glob("*.yaml")}:
+        raise LoraLabError(f"Unknown preset '{shown(name)}'.", f"Available: {', '.join(list_presets()) or 'none'}.")
     return read_yaml(path)
 
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from trainer.data.summary import bulk_edit, save_caption
+from trainer.data.summary import bulk_edit, caption_file, save_caption
 
+from . import access
 from .errors import guarded, message as error_message
 
 
@@ -47,7 +48,11 @@ def build(ctx, data):
             preview_btn = gr.Button("Preview on the first 5")
             apply_btn = gr.Button("Apply to all captions", variant="stop", elem_id="caption-apply")
 
-    captions_dir = ctx.workspace / "captions"
+    def save(item, text):
+        """A caption saved where the caller may write: never into a shared, read-only dataset folder."""
+        captions_dir = ctx.workspace / "captions"  # a Hugging Face dataset's captions: this caller's own
+        access.write_path(ctx, caption_file(item, captions_dir))
+        return save_caption(item, text, captions_dir)
 
     def show(ds, i):
         if ds is None or not ds.items:
@@ -60,7 +65,7 @@ def build(ctx, data):
     def on_save(ds, i, text, step):
         if ds is None:
             return "Load a dataset first.", gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        path = save_caption(ds.items[i], text, captions_dir)
+        path = save(ds.items[i], text)
         img, pos, cap, i = show(ds, i + step)
         return f"Saved {path.name}.", img, pos, cap, i
 
@@ -89,7 +94,9 @@ def build(ctx, data):
         kind, model_id = CAPTIONERS[choice]
         progress(0, desc=f"Loading {model_id}…")
         try:
-            cap = Captioner(kind, str(ctx.user_path(path)) if path.strip() else model_id)
+            if ds.items:  # a read-only dataset is refused before a captioning model is loaded
+                access.write_path(ctx, caption_file(ds.items[0], ctx.workspace / "captions"))
+            cap = Captioner(kind, str(access.read_path(ctx, path)) if path.strip() else model_id)
         except Exception as e:
             yield error_message(e), gr.skip(), gr.skip(), gr.skip(), gr.skip(), ""
             return
@@ -97,7 +104,7 @@ def build(ctx, data):
         try:
             todo = [it for it in ds.items if how == "overwrite all" or not it.caption.strip()]
             for n, it in enumerate(todo):
-                caption_items([it], cap, True, trig, lambda item, t: save_caption(item, t, captions_dir))
+                caption_items([it], cap, True, trig, save)
                 lines.append(f"{it.name}: {it.caption}")
                 progress((n + 1, len(todo)), desc="Captioning")
                 yield f"Captioned {n + 1} of {len(todo)}.", gr.skip(), gr.skip(), gr.skip(), gr.skip(), "\n".join(lines)
@@ -117,10 +124,12 @@ def build(ctx, data):
         if ds is None:
             return "Load a dataset first.", gr.skip(), gr.skip(), gr.skip(), gr.skip()
         changed = 0
+        if ds.items:
+            access.write_path(ctx, caption_file(ds.items[0], ctx.workspace / "captions"))  # before any is changed
         for it in ds.items:
             new = bulk_edit(it.caption, p, s, f, r, rm)
             if new != it.caption:
-                save_caption(it, new, captions_dir)
+                save(it, new)
                 changed += 1
         return (f"Changed {changed} of {len(ds.items)} captions.", *show(ds, i))
 

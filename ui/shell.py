@@ -31,7 +31,8 @@ def build_app(ctx) -> gr.Blocks:
                 caption_tab.build(ctx, data)
             with gr.Tab("3 · Train", id="train"):
                 train_tab.build(ctx, data)
-            with gr.Tab("4 · Test", id="test"):
-                test_tab.build(ctx)
+            with gr.Tab("4 · Test", id="test") as test:
+                tests = test_tab.build(ctx)
+        test.select(tests["on_refresh"], None, tests["lists"], show_progress="hidden")  # lists current on opening
         api.build(ctx)
     return app

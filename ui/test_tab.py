@@ -10,14 +10,10 @@ import gradio as gr
 from trainer.errors import LoraLabError
 from trainer.sampling import SCHEDULERS
 
-from . import space
+from . import access, space
 from .errors import guarded
 
 SLOTS = 3
-
-
-def _loras(names, strengths) -> list[tuple[Path, float]]:
-    return [(Path(n), float(s)) for n, s in zip(names, strengths) if n]
 
 
 def _run_of(lora: Path) -> Path | None:
@@ -25,6 +21,11 @@ def _run_of(lora: Path) -> Path | None:
 
 
 def build(ctx):
+    def lora_choices():
+        # Built once for every page: nobody's LoRAs where several people use the app (filled per caller
+        # when the tab opens).
+        return [] if (ctx.space or ctx.per_user) and not space.visitor.get() else access.my_loras(ctx)
+
     gr.Markdown("Generate with your LoRA next to the base model from the same seed. Pick LoRAs from finished runs "
                 "or upload one.")
     with gr.Row():
@@ -34,7 +35,7 @@ def build(ctx):
     lora_boxes, strength_boxes = [], []
     for i in range(SLOTS):
         with gr.Row():
-            lora_boxes.append(gr.Dropdown(ctx.loras(), value=None, label=f"LoRA {i + 1}", allow_custom_value=True,
+            lora_boxes.append(gr.Dropdown(lora_choices(), value=None, label=f"LoRA {i + 1}", allow_custom_value=True,
                                           elem_id=f"test-lora-{i}", scale=3))
             strength_boxes.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="Strength", scale=1))
     upload = gr.File(label="Upload a LoRA (.safetensors)", file_types=[".safetensors"])
@@ -67,8 +68,17 @@ def build(ctx):
 
     common = [base, prompts, negative, seed, steps, guidance, width, height, scheduler]
 
+    def _loras(names, strengths) -> list[tuple[Path, float]]:
+        return [(access.lora(ctx, n), float(s)) for n, s in zip(names, strengths) if n]
+
+    def model_for(spec, text, st, w, h):
+        """The base model, once the request is checked: the model is one the caller may load, and the
+        prompts and sizes are within what this server draws for one click."""
+        access.generation(ctx, [t for t in (text or "").splitlines() if t.strip()], st, w, h)
+        return ctx.load_model(access.base_model(ctx, spec))
+
     def gen(spec, text, neg, sd, st, g, w, h, sch, loras):
-        model = ctx.load_model(spec)
+        model = model_for(spec, text, st, w, h)
         return _generate(model, text.splitlines(), neg, sd, st, g, w, h, sch, loras)
 
     def _generate_now(model, lines, neg, sd, st, g, w, h, sch, loras):
@@ -109,9 +119,10 @@ def build(ctx):
     def on_sweep(spec, text, neg, sd, st, g, w, h, sch, *ls):
         if not ls[0]:
             raise LoraLabError("No LoRA picked.", "Pick a LoRA in slot 1.")
+        lora = access.lora(ctx, ls[0])
         pairs = []
         for s in (0.0, 0.25, 0.5, 0.75, 1.0):
-            imgs = gen(spec, text, neg, sd, st, g, w, h, sch, [(Path(ls[0]), s)])
+            imgs = gen(spec, text, neg, sd, st, g, w, h, sch, [(lora, s)])
             pairs += [(img, f"strength {s}") for img in imgs]
         return pack(pairs)
 
@@ -119,11 +130,12 @@ def build(ctx):
     def on_grid(spec, text, neg, sd, st, g, w, h, sch, *ls):
         from trainer.checkpoint_lora import checkpoint_loras
 
-        if not ls[0] or _run_of(Path(ls[0])) is None:
+        run = _run_of(access.lora(ctx, ls[0])) if ls[0] else None
+        if run is None:
             raise LoraLabError("LoRA 1 is not from a run.", "Pick a LoRA made by a run to compare its checkpoints.")
         pairs = []
-        model = ctx.load_model(spec)
-        for step, path in checkpoint_loras(_run_of(Path(ls[0]))):
+        model = model_for(spec, text, st, w, h)
+        for step, path in checkpoint_loras(run):
             imgs = _generate(model, text.splitlines(), neg, sd, st, g, w, h, sch, [(path, float(ls[SLOTS]))])
             pairs += [(img, f"step {step} · {p}") for img, p in zip(imgs, [t for t in text.splitlines() if t.strip()])]
         return pack(pairs)
@@ -139,9 +151,9 @@ def build(ctx):
     def on_export(pairs, text, l0, s0, sd, st, g):
         from trainer.bundle import export_bundle
 
+        lora = access.lora(ctx, l0) if l0 else None
         if not pairs:
             raise LoraLabError("Nothing to export yet.", "Generate or compare images first.")
-        lora = Path(l0) if l0 else None
         named = [(f"{i:02d}_{cap.split(' · ')[0].replace(' ', '_')}.png", img) for i, (img, cap) in enumerate(pairs)]
         out = ctx.workspace / "exports" / f"lora-lab-{time.strftime('%Y%m%d-%H%M%S')}.zip"
         export_bundle(out, named, [t for t in text.splitlines() if t.strip()], lora, _run_of(lora) if lora else None,
@@ -162,14 +174,14 @@ def build(ctx):
         read_lora(src)  # refuses files that are not LoRAs before they are kept
         dest = ctx.workspace / "loras" / (safe_name(src.stem) + ".safetensors")
         shutil.copy(src, dest)
-        choices = ctx.loras()
-        return [f"Added {dest.name}.", gr.update(choices=choices, value=str(dest)),
+        choices = lora_choices()
+        return [f"Added {dest.name}.", gr.update(choices=choices, value=f"loras/{dest.name}"),
                 *[gr.update(choices=choices)] * (SLOTS - 1), gr.skip()]
 
     upload.upload(on_upload, upload, [message, *lora_boxes, base])
 
     def on_refresh():
-        choices = ctx.loras()
+        choices = lora_choices()
         return [gr.update(choices=ctx.base_models()), *[gr.update(choices=choices)] * SLOTS]
 
     refresh.click(on_refresh, None, [base, *lora_boxes])
@@ -180,8 +192,8 @@ def build(ctx):
 
         if not l0:
             raise LoraLabError("No LoRA picked.", "Pick the LoRA to share in slot 1.")
-        url = push_lora(Path(l0), rep, tok, [img for img, _ in (pairs or [])][:4])
+        url = push_lora(access.lora(ctx, l0), rep, tok, [img for img, _ in (pairs or [])][:4])
         return f"Pushed: {url}"
 
     push_btn.click(on_push, [repo, token, lora_boxes[0], images], push_msg)
-    return {"refresh": refresh}
+    return {"refresh": refresh, "on_refresh": on_refresh, "lists": [base, *lora_boxes]}

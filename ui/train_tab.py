@@ -6,8 +6,10 @@ import time
 import gradio as gr
 
 from trainer.config import Config, list_presets, resolve
-from trainer.runs import RunDir, delete_run, list_runs
+from trainer.errors import LoraLabError
+from trainer.runs import delete_run, list_runs
 
+from . import access
 from .config_form import build_form, config_to_values, form_to_config
 from .errors import guarded, message
 from .live_panel import STATE_ICON, history_update, live_update, loss_frame, streamed
@@ -64,6 +66,7 @@ def build(ctx, data):
 
     ds_inputs = [data["source"], data["split"], data["image_col"], data["caption_col"]]
 
+    @guarded(1 + len(keys))
     def on_preset(name):
         if name == "(none)":
             return ["Settings as they are."] + [gr.skip()] * len(keys)
@@ -85,7 +88,7 @@ def build(ctx, data):
             from trainer.data.sources import load_dataset_source
             from trainer.data.summary import summarize
 
-            ds = load_dataset_source(ctx.dataset_source(cfg.dataset.source), cfg.dataset.split,
+            ds = load_dataset_source(access.dataset_source(ctx, cfg.dataset.source), cfg.dataset.split,
                                      cfg.dataset.image_column, cfg.dataset.caption_column)
             ds_summary = summarize(ds)
             ds_summary["captions"] = [i.caption for i in ds.items]
@@ -98,9 +101,7 @@ def build(ctx, data):
         cfg = current(list(args[:len(keys)]), dataset_values(*args[len(keys):]))
         if not cfg.dataset.source:
             return "⚠️ No dataset: load one in the Dataset tab first.", gr.skip()
-        cfg.dataset.source = ctx.dataset_source(cfg.dataset.source)
-        cfg.model.allow_pickle = ctx.allow_pickle
-        ctx.check_start(cfg)
+        access.check_config(ctx, cfg)
         run = ctx.jobs.start(cfg, ctx.workspace)
         return started_message(ctx, run), history_rows(ctx.workspace)
 
@@ -170,11 +171,12 @@ def build(ctx, data):
           show_progress="hidden", concurrency_limit=None, api_visibility="private")
 
     def open_run(name):
-        if not name or not (ctx.workspace / "runs" / name).exists():
-            return "", "", loss_frame([]), [], None
-        run = RunDir(ctx.workspace / "runs" / name)
+        try:
+            run = access.run(ctx, name)
+        except LoraLabError as e:
+            return (message(e) if name else ""), "", loss_frame([]), [], None
         st = run.status()
-        lora = run.path / st["lora"] if st.get("lora") else None
+        lora = run.path / st["lora"] if isinstance(st.get("lora"), str) else None
         info = f"{STATE_ICON.get(st.get('state'), '')} — step {st.get('step', 0)}/{st.get('total_steps', '?')}"
         if st.get("error"):
             info += f" — {st['error']} {st.get('advice', '')}"
@@ -185,7 +187,7 @@ def build(ctx, data):
 
     def on_resume(name):
         try:
-            run = ctx.jobs.resume(ctx.workspace / "runs" / name)
+            run = ctx.jobs.resume(access.run(ctx, name).path)
             pos = ctx.jobs.position(run)
             return f"Resumed **{run.name}**." + (f" It waits as number {pos} for a device." if pos else "")
         except Exception as e:
@@ -193,23 +195,23 @@ def build(ctx, data):
 
     resume_btn.click(on_resume, pick, message_box)
 
+    @guarded(1)
     def on_cancel(name):
-        path = ctx.workspace / "runs" / (name or "")
-        if name and path.exists() and ctx.jobs.cancel(RunDir(path)):
-            return f"Cancelled {name}; it can be resumed later."
+        run = access.run(ctx, name)
+        if ctx.jobs.cancel(run):
+            return f"Cancelled {run.name}; it can be resumed later."
         return "That run is not waiting in the queue."
 
     cancel_btn.click(on_cancel, pick, history_msg)
 
+    @guarded(3)
     def on_delete(name):
-        path = ctx.workspace / "runs" / (name or "")
-        if name and ctx.jobs.slot_for(RunDir(path)):
+        run = access.run(ctx, name)
+        if ctx.jobs.slot_for(run):
             return "⚠️ That run is training or waiting; stop or cancel it first.", gr.skip(), gr.skip()
-        if not name or not path.exists():
-            return "Pick a run first.", gr.skip(), gr.skip()
-        delete_run(RunDir(path))
+        delete_run(run)
         rows, choices = refresh()
-        return f"Deleted {name}.", rows, choices
+        return f"Deleted {run.name}.", rows, choices
 
     delete_btn.click(on_delete, pick, [history_msg, history, pick])
     return {"keys": keys, "comps": comps}

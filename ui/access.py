@@ -1,0 +1,198 @@
+"""Who may touch what: the one check for every run, LoRA, model, dataset, file or config path that a
+request names.
+
+The caller's own workspace (`ctx.workspace`) may be read and written. The shared folders (the model
+folders and `--data-dir`) may be read, never written. In Space mode there is nothing but the
+visitor's own workspace. Only on a local single-user launch (127.0.0.1, no `--share`, one user) may
+the user write outside the workspace, in the folders they may read (their own files).
+
+Names the UI offers (runs, LoRAs) are looked up among the caller's own, never joined onto a path,
+so a free-text dropdown or a scripted request can't turn them into one.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from trainer.errors import LoraLabError, shown
+from trainer.runs import RunDir, list_runs
+
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+TINY = ("tiny-demo", "tiny-demo-xl")
+
+
+def shared(ctx) -> bool:
+    """People who do not trust each other use this app (a lab server, a Space, a public link)."""
+    return ctx.space or ctx.per_user or not ctx.local
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def readable_roots(ctx) -> list[Path]:
+    if ctx.space:
+        return [ctx.workspace.resolve()]
+    return [ctx.workspace.resolve(), *ctx.model_dirs, *ctx.data_dirs]
+
+
+def read_path(ctx, text: str, must_exist: bool = True) -> Path:
+    """A path typed by the user, resolved (relative to their workspace) and confined to what they may read."""
+    text = (text or "").strip().strip('"') if isinstance(text, str) else ""
+    if not text:
+        raise LoraLabError("No path given.", "Type or paste a folder path.")
+    try:
+        p = Path(text).expanduser()
+        p = (p if p.is_absolute() else ctx.workspace / p).resolve()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a loop of links, an unknown ~user
+        raise LoraLabError(f"'{shown(text)}' is not a usable path.", "Type the folder's path as the file manager shows it.")
+    # resolve() has followed every link and '..', so this also stops escapes through links.
+    others = (ctx.space or ctx.per_user) and _inside(p, ctx.root) and not _inside(p, ctx.workspace.resolve())
+    if others or not any(_inside(p, root) for root in readable_roots(ctx)):
+        if ctx.space:
+            raise LoraLabError("This is a shared demo: folders on the server are not available.",
+                               "Upload your images (or a zip) in the Dataset tab instead.")
+        allowed = ", ".join(map(str, readable_roots(ctx)))
+        raise LoraLabError(f"{shown(text)} is outside the folders LoRA Lab may use.",
+                           "Put it in your workspace" + ("" if shared(ctx) else
+                                                         ", or start the app with --data-dir pointing at its folder")
+                           + f" (allowed now: {allowed}).")
+    if must_exist and not p.exists():
+        raise LoraLabError(f"{shown(text)} does not exist.", "Check the path (it is on the machine running LoRA Lab).")
+    return p
+
+
+def write_path(ctx, path: Path) -> Path:
+    """`path` if the caller may change it: inside their workspace (or, on a local single-user launch,
+    anywhere they may read); otherwise a message that the folder is read-only here."""
+    p = Path(path).resolve()
+    if _inside(p, ctx.workspace.resolve()):
+        return p
+    if not shared(ctx):
+        return read_path(ctx, str(p), must_exist=False)
+    raise LoraLabError(f"{p.parent} is a shared folder: LoRA Lab only reads it.",
+                       "Copy the dataset into your workspace (Dataset tab: upload it, or ask for a copy) and edit it there.")
+
+
+def run(ctx, name) -> RunDir:
+    """One of the caller's own runs, by its name as the run history shows it."""
+    if not isinstance(name, str) or not name.strip():
+        raise LoraLabError("No run picked.", "Pick a run in the run history.")
+    for r in list_runs(ctx.workspace):
+        if r.name == name.strip():
+            return r
+    raise LoraLabError(f"There is no run '{shown(name)}' of yours.", "Pick one from the run history.")
+
+
+def my_loras(ctx) -> list[tuple[str, str]]:
+    """(label, value) of the caller's LoRA files, newest run first; a value is the file's place in the
+    workspace (`runs/NAME/NAME.safetensors`, `loras/FILE`), never an absolute path."""
+    out = []
+    for r in list_runs(ctx.workspace):
+        lora = r.status().get("lora")
+        if isinstance(lora, str) and (r.path / lora).is_file():
+            out.append((f"{r.name} ({Path(lora).name})", f"runs/{r.name}/{Path(lora).name}"))
+    out += [(p.name, f"loras/{p.name}") for p in sorted((ctx.workspace / "loras").glob("*.safetensors"))]
+    return out
+
+
+def lora(ctx, value) -> Path:
+    """A LoRA file the caller may use: one of theirs, or on a launch that is not shared, a typed file path."""
+    if not isinstance(value, str) or not value.strip():
+        raise LoraLabError("No LoRA picked.", "Pick a LoRA from the list.")
+    value = value.strip()
+    if value in {v for _, v in my_loras(ctx)}:
+        return (ctx.workspace / value).resolve()
+    if not shared(ctx):
+        p = read_path(ctx, value)
+        if p.is_file() and p.suffix.lower() == ".safetensors":
+            return p
+        raise LoraLabError(f"{shown(value)} is not a .safetensors LoRA file.", "Pick a LoRA from the list.")
+    raise LoraLabError(f"'{shown(value)}' is not one of your LoRAs.",
+                       "Pick one from the list (your runs and uploads), or upload the file.")
+
+
+def base_models(ctx) -> list[str]:
+    """Models a user can pick: the tiny demos, and files and diffusers folders in the model folders."""
+    found = list(TINY)
+    if ctx.space:
+        return found + [m.strip() for m in os.environ.get("LORA_LAB_SPACE_MODELS", "").split(",") if m.strip()]
+    for d in ctx.model_dirs:
+        if d.is_dir():
+            for p in sorted(d.iterdir()):
+                if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES or (p / "model_index.json").exists():
+                    found.append(str(p))
+    return found
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return bool(HUB_ID.match(text)) and ".." not in text
+
+
+def base_model(ctx, spec) -> str:
+    """A base model the caller may load: a demo or listed model; a model file or folder they may read;
+    or (not on a Space) a hub id. Returned as the trainer should be given it (paths made absolute)."""
+    spec = spec.strip() if isinstance(spec, str) else ""
+    if not spec:
+        raise LoraLabError("No base model given.", "Pick a base model from the list.")
+    if spec in TINY or (ctx.space and spec in base_models(ctx)):
+        return spec
+    if ctx.space:
+        raise LoraLabError(f"The demo offers only these models: {', '.join(base_models(ctx))}.",
+                           "Pick one of them, or install LoRA Lab on your own machine for any model.")
+    if _looks_like_hub_id(spec) and not (ctx.workspace / spec).exists() and not Path(spec).exists():
+        return spec  # downloaded by the trainer from the hub
+    p = read_path(ctx, spec)
+    if not (p.is_dir() and (p / "model_index.json").is_file() or p.is_file() and p.suffix.lower() in MODEL_SUFFIXES):
+        raise LoraLabError(f"{shown(spec)} is not a model.",
+                           "Give a diffusers folder (with model_index.json) or a .safetensors checkpoint.")
+    return str(p)
+
+
+def dataset_source(ctx, text) -> str:
+    """A hub dataset id as it is (not on a Space); anything else a checked local path, made absolute.
+
+    A name like `docs/screenshots` is a hub id only where no such folder exists: the trainer would
+    otherwise open that folder relative to wherever the app runs.
+    """
+    t = text.strip() if isinstance(text, str) else ""
+    if (not ctx.space and _looks_like_hub_id(t) and not (ctx.workspace / t).exists()
+            and not os.path.lexists(t)):
+        return t
+    return str(read_path(ctx, t))
+
+
+def check_config(ctx, cfg) -> None:
+    """Confine every path a config names to what the caller may read (rewriting them as absolute
+    paths for the trainer), and in Space mode keep the run within the demo's caps."""
+    cfg.dataset.source = dataset_source(ctx, cfg.dataset.source)
+    cfg.model.base = base_model(ctx, cfg.model.base)
+    if cfg.model.config_dir:
+        p = read_path(ctx, cfg.model.config_dir)
+        if not p.is_dir():
+            raise LoraLabError(f"model.config_dir {shown(cfg.model.config_dir)} is not a folder.",
+                               "Give a diffusers config folder, or leave it empty.")
+        cfg.model.config_dir = str(p)
+    if cfg.network.init_from:
+        cfg.network.init_from = str(lora(ctx, cfg.network.init_from))
+    cfg.model.allow_pickle = ctx.allow_pickle
+    if ctx.space:
+        from .space import check_caps
+
+        check_caps(ctx, cfg)
+
+
+def generation(ctx, prompts: list[str], steps, width, height) -> None:
+    """Bounds on one Test-tab request: what a shared server will draw for one click."""
+    from .space import MAX_GEN_PROMPTS, MAX_GEN_SIDE
+
+    most_prompts, most_side = (MAX_GEN_PROMPTS, MAX_GEN_SIDE) if ctx.space else (64, 4096)
+    if not prompts:
+        raise LoraLabError("No prompt given.", "Write at least one prompt (one per line).")
+    if len(prompts) > most_prompts:
+        raise LoraLabError(f"{len(prompts)} prompts at once is too many here.", f"Give at most {most_prompts}.")
+    for what, v, hi in (("Steps", steps, 100), ("Width", width, most_side), ("Height", height, most_side)):
+        if not isinstance(v, (int, float)) or not 0 <= v <= hi:
+            raise LoraLabError(f"{what} {shown(v)} is out of range.", f"Use 0 to {hi}.")
