@@ -111,3 +111,33 @@ def torch_equal(a, b):
     import torch
 
     return torch.equal(a, b)
+
+
+def test_a_100_megapixel_image_is_a_problem_by_name_and_the_rest_still_shows(tmp_path):
+    from trainer.data.summary import summarize
+    from ui.dataset_tab import THUMB_SIDE, gallery_page
+
+    # 108 megapixels: over Pillow's warning limit (89), under its error limit (179), so it opens but
+    # would not decode. One bit per pixel keeps it small on disk and quick to make.
+    Image.new("1", (12000, 9000), 1).save(tmp_path / "huge.png")
+    Image.new("RGB", (640, 480), (200, 10, 10)).save(tmp_path / "a.png")
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(tmp_path / "b.png")
+    ds = load_dataset_source(str(tmp_path))
+    assert [i.name for i in ds.items] == ["a.png", "b.png"]
+    s = summarize(ds)
+    problems = dict(map(tuple, s["problems"]))
+    assert "too many pixels (12000x9000" in problems["huge.png"] and "skipped" in problems["huge.png"]
+    assert s["images"] == 2 and ["12000x9000", 1] not in s["sizes"]
+    page = gallery_page(ds, 0)
+    assert [caption.split(":")[0] for _, caption in page] == ["a.png", "b.png"]
+    assert page[0][0].size == (THUMB_SIDE, THUMB_SIDE * 3 // 4)  # a preview, not the image itself
+
+
+def test_the_gallery_shows_an_image_it_cannot_read_in_place(tmp_path):
+    from ui.dataset_tab import gallery_page
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (64, 64), (9, 9, 9)).save(tmp_path / name)
+    ds = load_dataset_source(str(tmp_path))
+    (tmp_path / "a.png").unlink()  # gone between loading the folder and turning the page
+    assert [c for _, c in gallery_page(ds, 0)] == ["a.png: ⚠️ file not found", "b.png: (no caption)"]

@@ -1,21 +1,15 @@
 """Dataset tab: pick a folder or a Hugging Face dataset (or upload images), see every image and problem."""
 from __future__ import annotations
 
-import shutil
-import time
-import zipfile
-from pathlib import Path
-
 import gradio as gr
 
-from trainer.data.images import IMAGE_EXTS
 from trainer.errors import LoraLabError
 
-from .errors import guarded
+from .errors import guarded, message as error_text
+from .uploads import save_uploads
 
 PAGE = 12
-MAX_UPLOAD_FILES = 2000
-MAX_UPLOAD_BYTES = 2 * 1024**3
+THUMB_SIDE = 384  # the gallery shows previews: a large photo is never sent (or decoded) whole
 
 
 def load_dataset(ctx, source: str, split: str, image_col: str, caption_col: str):
@@ -33,60 +27,23 @@ def counts_markdown(s: dict) -> str:
 
 
 def gallery_page(ds, page: int):
-    items = ds.items[page * PAGE:(page + 1) * PAGE]
-    return [(it.load(), f"{it.name}: {it.caption or '(no caption)'}") for it in items]
+    """Previews of one page; an image that cannot be read shows as a grey square saying why."""
+    from PIL import Image
+
+    from trainer.data.images import UnreadableImage, open_image
+
+    out = []
+    for it in ds.items[page * PAGE:(page + 1) * PAGE]:
+        try:
+            img = open_image(it.image_path if it.image_path is not None else it.load(), max_side=THUMB_SIDE)
+            out.append((img, f"{it.name}: {it.caption or '(no caption)'}"))
+        except UnreadableImage as e:
+            out.append((Image.new("RGB", (64, 64), (200, 200, 200)), f"{it.name}: ⚠️ {e}"))
+    return out
 
 
 def pages(ds) -> int:
     return max(1, -(-len(ds.items) // PAGE))
-
-
-def save_uploads(ctx, files: list, name: str) -> Path:
-    """Uploaded images or zips → a new folder under workspace/datasets, checked for traversal and size."""
-    from trainer.runs import safe_name
-
-    if not files:
-        raise LoraLabError("No files uploaded.", "Drop images (or a zip of images and .txt captions) first.")
-    dest = ctx.workspace / "datasets" / safe_name(name or time.strftime("upload-%Y%m%d-%H%M%S"))
-    dest.mkdir(parents=True, exist_ok=True)
-    count = 0
-    for f in files:
-        src = Path(getattr(f, "name", f))
-        if src.suffix.lower() == ".zip":
-            count += _extract_zip(src, dest)
-        elif src.suffix.lower() in IMAGE_EXTS + (".txt", ".caption"):
-            shutil.copy(src, dest / safe_name(src.name))
-            count += 1
-    if not count:
-        raise LoraLabError("None of the uploaded files are images, captions or zips.",
-                           "Upload .png/.jpg/.webp/.bmp images, .txt captions, or a .zip of them.")
-    return dest
-
-
-def _extract_zip(src: Path, dest: Path) -> int:
-    from trainer.runs import safe_name
-
-    with zipfile.ZipFile(src) as z:
-        infos = [i for i in z.infolist() if not i.is_dir()]
-        if len(infos) > MAX_UPLOAD_FILES:
-            raise LoraLabError(f"{src.name} holds {len(infos)} files.", f"Upload at most {MAX_UPLOAD_FILES}.")
-        if sum(i.file_size for i in infos) > MAX_UPLOAD_BYTES:
-            raise LoraLabError(f"{src.name} unpacks to more than 2 GB.", "Upload a smaller set.")
-        n = 0
-        for info in infos:
-            parts = Path(info.filename).parts
-            if info.filename.startswith("/") or ".." in parts:
-                raise LoraLabError(f"{src.name} contains an unsafe path ({info.filename}).",
-                                   "Zip the images without absolute paths or '..'.")
-            if Path(info.filename).suffix.lower() not in IMAGE_EXTS + (".txt", ".caption"):
-                continue
-            sub = [safe_name(p) for p in parts[:-1] if not p.startswith("__MACOSX")]
-            target = dest.joinpath(*sub, safe_name(parts[-1]))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with z.open(info) as fin, open(target, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-            n += 1
-        return n
 
 
 def build(ctx):
@@ -151,12 +108,23 @@ def build(ctx):
 
     cols_btn.click(on_columns, source, [message, split, image_col, caption_col])
 
-    @guarded(2)
+    @guarded(9)
     def on_upload(files, name):
-        return "", str(save_uploads(ctx, files, name))
+        # Saves and loads in one step: a refused upload shows its reason and leaves the loaded dataset as it was.
+        from trainer.data.sources import load_dataset_source
+        from trainer.data.summary import summarize
 
-    upload_btn.click(on_upload, [upload, upload_name], [message, source]).then(
-        on_load, [source, split, image_col, caption_col], outs)
+        dest = save_uploads(ctx, files, name)
+        note = f"Saved the upload as `datasets/{dest.name}`."
+        try:
+            ds = load_dataset_source(str(dest))
+        except LoraLabError as e:
+            return (f"{note} {error_text(e)}", str(dest), *[gr.skip()] * 7)
+        s = summarize(ds)
+        return (note, str(dest), counts_markdown(s), gallery_page(ds, 0), s["sizes"], s["buckets"],
+                s["problems"] or [["—", "no problems found"]], ds, 1)
+
+    upload_btn.click(on_upload, [upload, upload_name], [message, source, *outs[1:], page])
 
     def turn(ds, p, delta):
         if ds is None:

@@ -14,8 +14,20 @@ class UnreadableImage(Exception):
     """The file can't be used as an image; the message says why in plain words."""
 
 
-def open_image(src) -> Image.Image:
-    """A path, bytes or PIL image → an RGB image, EXIF orientation applied, alpha on white."""
+def too_many_pixels(size: tuple[int, int]) -> str | None:
+    """Why an image of `size` is refused (Pillow's decompression-bomb limit, which `open_image` keeps), or None."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and size[0] * size[1] > limit:
+        return (f"too many pixels ({size[0]}x{size[1]}, {size[0] * size[1] / 1e6:.0f} megapixels; "
+                f"at most {limit / 1e6:.0f} are read)")
+    return None
+
+
+def open_image(src, max_side: int | None = None) -> Image.Image:
+    """A path, bytes or PIL image → an RGB image, EXIF orientation applied, alpha on white.
+
+    With `max_side`, a preview no larger than that: a JPEG is then decoded at a reduced scale.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -25,6 +37,8 @@ def open_image(src) -> Image.Image:
                 img = Image.open(io.BytesIO(src))
             else:
                 img = Image.open(src)
+            if max_side and img.format == "JPEG":
+                img.draft("RGB", (max_side, max_side))
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UnreadableImage("too many pixels (possible decompression bomb)")
@@ -39,7 +53,10 @@ def open_image(src) -> Image.Image:
         img = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block must not cost the image
         pass
-    return to_rgb(img)
+    img = to_rgb(img)
+    if max_side:
+        img.thumbnail((max_side, max_side))
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -15,7 +15,7 @@ from typing import Callable
 from PIL import Image
 
 from ..errors import LoraLabError
-from .images import IMAGE_EXTS, UnreadableImage, open_image
+from .images import IMAGE_EXTS, UnreadableImage, open_image, too_many_pixels
 
 KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
 CAPTION_EXTS = (".txt", ".caption")
@@ -76,11 +76,17 @@ def _file_item(img_path: Path, root: Path, caption: str, repeats: int, cap_path:
             size = im.size
             if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                 size = (size[1], size[0])
-    except Image.DecompressionBombError:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # a warning made an error
         problems.append(Problem(rel, "too many pixels (possible decompression bomb); skipped"))
         return None
     except (OSError, SyntaxError, ValueError):
         problems.append(Problem(rel, "not a readable image; skipped"))
+        return None
+    # Between Pillow's warning and its error an image opens but `open_image` refuses to decode it:
+    # listed here, it is left out of the gallery and the counts as training leaves it out.
+    huge = too_many_pixels(size)
+    if huge:
+        problems.append(Problem(rel, f"{huge}; skipped (scale it down to use it)"))
         return None
     st = img_path.stat()
     cid = hashlib.sha1(f"{img_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()

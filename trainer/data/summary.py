@@ -20,10 +20,10 @@ def summarize(ds: Dataset, resolution: int = 512, multiple: int = 64, min_side=2
     for it in items:
         if min(it.size) < TINY_SIDE:
             problems.append(Problem(it.name, f"tiny image ({it.size[0]}x{it.size[1]}); it will look blurry"))
-        if it.image_path is not None and it.image_path.stat().st_size < 50_000_000:
-            d = hashlib.sha1(it.image_path.read_bytes()).hexdigest()
-            if d in digests:
-                problems.append(Problem(it.name, f"duplicate of {digests[d]}"))
+        d = _digest(it.image_path) if it.image_path is not None else None
+        if d in digests:
+            problems.append(Problem(it.name, f"duplicate of {digests[d]}"))
+        if d:
             digests.setdefault(d, it.name)
     lo, hi, st = effective_bucket_params(resolution, min_side, max_side, step, multiple)
     buckets = make_buckets(resolution, lo, hi, st)
@@ -40,6 +40,20 @@ def summarize(ds: Dataset, resolution: int = 512, multiple: int = 64, min_side=2
         "buckets": [[f"{w}x{h}", n] for (w, h), n in sorted(by_bucket.items())],
         "problems": [[p.name, p.problem] for p in problems],
     }
+
+
+def _digest(path: Path) -> str | None:
+    """The file's hash, read in pieces (never the image decoded); None for a file too big to compare or gone."""
+    try:
+        if path.stat().st_size >= 50_000_000:
+            return None
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()
+    except OSError:  # deleted or unreadable since the folder was scanned: nothing to compare
+        return None
 
 
 def caption_file(item, captions_dir: Path | None = None) -> Path:
