@@ -51,14 +51,3 @@ class AppServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
 
-
-def space_visitor(url: str, **kwargs):
-    """A gradio_client Client that is one Space visitor: it keeps the visitor cookie the page hands out."""
-    from gradio_client import Client
-
-    with urllib.request.urlopen(url, timeout=30) as r:
-        jar = {}
-        for header in r.headers.get_all("set-cookie") or []:
-            name, _, rest = header.partition("=")
-            jar[name] = rest.split(";", 1)[0]
-    return Client(url, verbose=False, httpx_kwargs={"cookies": jar}, **kwargs)

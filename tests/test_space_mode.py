@@ -1,7 +1,7 @@
 """Space mode: server paths are refused, caps hold, and visitors don't see each other's runs."""
 import pytest
 
-from app_server import AppServer, space_visitor
+from app_server import AppServer
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,10 @@ def cfg(source, name, steps=4):
 
 
 def test_space_mode_isolates_visitors_and_refuses_server_paths(server, tmp_path):
-    alice, bob = space_visitor(server.url), space_visitor(server.url)
+    from gradio_client import Client
+
+    # Each client keeps the visitor cookie the server hands out, as a browser does.
+    alice, bob = Client(server.url, verbose=False), Client(server.url, verbose=False)
     with pytest.raises(Exception, match="folders on the server are not available"):
         alice.predict(cfg(tmp_path, "x"), api_name="/start_run")
     with pytest.raises(Exception, match="folders on the server are not available"):

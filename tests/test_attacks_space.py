@@ -1,0 +1,114 @@
+"""A Space attacked by one of its visitors: Mallory goes after Vera's session and the server's caps.
+
+Numbered as the findings of issue 14; each through the real server, with two visitors' cookies.
+"""
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from app_server import AppServer
+from attack import SECRET, sweep, tree
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory):
+    server = AppServer(tmp_path_factory.mktemp("space-attacks") / "workspace", "--space",
+                       env={"LORA_LAB_SPACE_MAX_STEPS": "20"})
+    from gradio_client import Client
+
+    vera, mallory = Client(server.url, verbose=False), Client(server.url, verbose=False)  # each keeps its cookie
+    demo = Path(vera.predict(api_name="/on_demo"))
+    first = sorted(demo.glob("*.txt"))[0]
+    first.write_text(first.read_text() + f" {SECRET}")
+    name = vera.predict(f"name: vera\nmodel: {{base: tiny-demo}}\ndataset: {{source: '{demo}', resolution: 64, "
+                        f"bucketing: false, caption_prefix: {SECRET}}}\ntrain: {{steps: 3}}\n", api_name="/start_run")
+    for update in vera.submit(name, api_name="/watch"):
+        pass
+    assert update["state"] == "completed", update
+    ws = demo.parent.parent
+    yield {"server": server, "vera": vera, "mallory": mallory, "ws": ws, "files": tree(ws),
+           "lora": ws / "runs" / "vera" / "vera.safetensors"}
+    server.stop()
+
+
+def cfg(source, **over):
+    lines = {"train": "{steps: 4}", "dataset": f"{{source: '{source}', resolution: 64, bucketing: false}}",
+             **over}
+    return "name: x\nmodel: {base: tiny-demo}\n" + "".join(f"{k}: {v}\n" for k, v in lines.items())
+
+
+def test_8_a_visitor_cannot_choose_whose_workspace_they_get(space):
+    from gradio_client import Client
+
+    no_cookie = Client(space["server"].url, verbose=False)
+    no_cookie.cookies.clear()
+    with pytest.raises(Exception, match="no visitor cookie"):
+        no_cookie.predict(api_name="/on_demo")
+    mallory = Client(space["server"].url, verbose=False)
+    mallory.session_hash = space["vera"].session_hash  # Gradio's page session id, which the browser picks
+    with pytest.raises(Exception, match="belongs to someone else"):
+        mallory.predict("vera", api_name="/open_run")
+    with pytest.raises(Exception, match="no run 'vera' of yours"):
+        space["mallory"].predict("vera", api_name="/watch")
+    assert tree(space["ws"]) == space["files"]
+
+
+def test_8_space_caps_bound_every_setting_that_multiplies_the_work(space):
+    mallory = space["mallory"]
+    demo = mallory.predict(api_name="/on_demo")
+    prompts = "[" + ", ".join(["a"] * 1000) + "]"
+    for over, says in [({"train": "{steps: 4, gradient_accumulation: 1024}"}, "images per step"),
+                       ({"train": "{steps: 4, batch_size: 64}"}, "images per step"),
+                       ({"dataset": f"{{source: '{demo}', resolution: 4096}}"}, "at most 1024 px"),
+                       ({"dataset": f"{{source: '{demo}', repeats: 10000}}"}, "100 repeats"),
+                       ({"sample": f"{{prompts: {prompts}, width: 4096}}"}, "px|sample images"),
+                       ({"train": "{steps: 20}", "sample": "{prompts: [a, b, c], every_n_steps: 1}"}, "sample images"),
+                       ({"train": "{steps: 500}"}, "at most 20 steps"),
+                       ({"model": "{base: stabilityai/sdxl}"}, "only these models")]:
+        with pytest.raises(Exception, match=says):
+            mallory.predict(cfg(demo, **over), api_name="/start_run")
+    message, *_ = mallory.predict("tiny-demo", "\n".join(["a cat"] * 50), "", 1, 2, 7.0, 64, 64, "euler_a",
+                                  None, None, None, 1, 1, 1, api_name="/on_generate")
+    assert "too many" in message
+    message, *_ = mallory.predict("tiny-demo", "a cat", "", 1, 2, 7.0, 4096, 4096, "euler_a",
+                                  None, None, None, 1, 1, 1, api_name="/on_generate")
+    assert "out of range" in message
+    for base in ["/etc", str(space["ws"]), "stabilityai/stable-diffusion-xl-base-1.0"]:
+        message, *_ = mallory.predict(base, "a cat", "", 1, 2, 7.0, 64, 64, "euler_a", None, None, None, 1, 1, 1,
+                                      api_name="/on_generate")
+        assert "only these models" in message, message
+
+
+def _fetch(url, path, cookie) -> int:
+    req = urllib.request.Request(f"{url}gradio_api/file={path}", headers={"Cookie": cookie})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _cookie(client) -> str:
+    return "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+
+
+def test_4_a_visitor_fetches_files_of_their_own_session_only(space):
+    url, lora = space["server"].url, space["lora"]
+    assert _fetch(url, lora, _cookie(space["vera"])) == 200
+    assert _fetch(url, lora, _cookie(space["mallory"])) == 403
+    assert _fetch(url, lora, "") == 403
+    assert _fetch(url, space["server"].workspace / ".visitor-secret", _cookie(space["vera"])) == 403
+
+
+def test_every_endpoint_with_veras_paths_gives_nothing_of_hers(space):
+    ws, lora = space["ws"], space["lora"]
+    values = [str(lora), f"../{ws.name}/runs/vera", str(ws / "runs" / "vera"), "vera",
+              str(ws / "datasets" / "demo"), f"../../sessions/{ws.name}/runs/vera/vera.safetensors"]
+    own = Path(space["mallory"].predict(api_name="/on_demo")).parent.parent
+    mine = set(tree(own).values())  # the demo dataset is the same for everyone: not a leak
+    outcomes = sweep(space["mallory"], {k: v for k, v in space["files"].items() if v not in mine}, values, rotations=2)
+    assert len(outcomes) >= 40
+    assert tree(ws) == space["files"]
