@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     import gradio as gr
     from starlette.middleware import Middleware
 
-    from ui import space
+    from ui import scope, space
     from ui.context import AppContext
     from ui.guard import Guard
     from ui.page_fix import PageFix
@@ -91,8 +91,7 @@ def main(argv=None) -> int:
     ctx = AppContext.create(a.workspace, a.models_dir, a.allow_pickle, space=in_space, data_dirs=data_dirs,
                             per_user=per_user and not in_space, devices=devices, local=local)
     app = build_app(ctx)
-    if in_space or ctx.per_user:
-        space.scope_handlers(app, ctx)
+    scope.scope_handlers(app, ctx)  # each handler runs as its caller, and fails with a message
     calm_queue(app)  # the queue Blocks made for itself, with GRADIO_DEFAULT_CONCURRENCY_LIMIT (set above)
     # The workspace is served so that files shown in the page load from where they are; Guard lets each
     # caller fetch from their own workspace only.

@@ -9,7 +9,7 @@ from PIL import Image
 from trainer.errors import LoraLabError
 from ui import uploads
 from ui.context import AppContext
-from ui.space import visitor
+from ui.scope import visitor
 from ui.uploads import save_uploads
 
 

@@ -55,7 +55,7 @@ class AppContext:
     @property
     def workspace(self) -> Path:
         """The workspace of whoever is asking: in Space mode, the visitor's own folder."""
-        from .space import visitor
+        from .scope import visitor
 
         return self.workspace_of(visitor.get() if self.space or self.per_user else None)
 

@@ -10,7 +10,7 @@ import gradio as gr
 from trainer.errors import LoraLabError
 from trainer.sampling import SCHEDULERS
 
-from . import access, space
+from . import access, scope, space
 from .errors import guarded
 
 SLOTS = 3
@@ -24,7 +24,7 @@ def build(ctx):
     def lora_choices():
         # Built once for every page: nobody's LoRAs where several people use the app (filled per caller
         # when the tab opens).
-        return [] if (ctx.space or ctx.per_user) and not space.visitor.get() else access.my_loras(ctx)
+        return [] if (ctx.space or ctx.per_user) and not scope.visitor.get() else access.my_loras(ctx)
 
     gr.Markdown("Generate with your LoRA next to the base model from the same seed. Pick LoRAs from finished runs "
                 "or upload one.")
