@@ -91,3 +91,42 @@ def test_each_users_live_page_follows_their_own_run_only(server, tmp_path):
     bob.predict(api_name="/stop_run")
     for update in bob.submit(bob_run, api_name="/watch"):
         pass
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (see .ci/run)")
+def test_every_open_page_follows_the_run(server, tmp_path):
+    """More pages watching one run than the app runs events at once (4) all see it to its end."""
+    from gradio_client import Client
+    from playwright.sync_api import sync_playwright
+
+    data = make_demo_dataset(tmp_path / "eyes data", count=4, size=64)
+    alice = Client(server.url, auth=("alice", "apple"), verbose=False)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        context = browser.new_context()
+        login = context.new_page()
+        login.goto(server.url)
+        login.get_by_label("username").fill("alice")
+        login.get_by_label("password").fill("apple")
+        login.get_by_role("button", name="Login").click()
+        login.get_by_role("tab", name="3 · Train").wait_for(timeout=60_000)
+        # One browser context each, as separate browsers: a browser opens at most 6 connections to one
+        # server, and each open page keeps one for its live stream.
+        logged_in = context.storage_state()
+        pages = [login] + [browser.new_context(storage_state=logged_in).new_page() for _ in range(5)]
+        for page in pages[1:]:
+            page.goto(server.url)
+        for page in pages:
+            page.get_by_role("tab", name="3 · Train").click()
+        name = alice.predict(cfg(data, "many eyes", 30), api_name="/start_run")
+        deadline = time.time() + 300
+        states = []
+        while time.time() < deadline:
+            states = [(pg.locator("#run-progress").get_attribute("data-state"),
+                       pg.locator("#run-progress").get_attribute("data-step")) for pg in pages]
+            if all(s == ("completed", "30") for s in states):
+                break
+            time.sleep(1)
+        assert all(s == ("completed", "30") for s in states), states
+        assert all(name in pg.inner_text("#run-history") for pg in pages)
+        browser.close()
