@@ -13,7 +13,8 @@ footer { display: none !important; }
 
 
 def build_app(ctx) -> gr.Blocks:
-    with gr.Blocks(title="LoRA Lab") as app:
+    # On a Space, files visitors upload or are sent go after two hours (Gradio's cache), so they can't fill the disk.
+    with gr.Blocks(title="LoRA Lab", delete_cache=(3600, 7200) if ctx.space else None) as app:
         if ctx.space:
             from .space import MAX_IMAGES, MAX_STEPS
 
