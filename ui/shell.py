@@ -23,8 +23,9 @@ def build_app(ctx) -> gr.Blocks:
                         f"{MAX_STEPS} steps. Your files and runs are visible only to this browser session: download "
                         "your results (run history, export zip) or push them to your own Hugging Face account.")
         else:
-            gr.Markdown(f"# LoRA Lab\nTrain LoRA adapters for Stable Diffusion and try them right away. "
-                        f"Workspace: `{ctx.workspace}`")
+            where = ("Your datasets, runs and LoRAs are in a workspace of your own on the server, which only you "
+                     "see." if ctx.per_user else f"Workspace: `{ctx.workspace}`")
+            gr.Markdown(f"# LoRA Lab\nTrain LoRA adapters for Stable Diffusion and try them right away. {where}")
         with gr.Tabs():
             with gr.Tab("1 · Dataset", id="dataset"):
                 data = dataset_tab.build(ctx)
