@@ -167,12 +167,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr)
+    except OSError:  # stderr is a file on the full disk (the app's process.log): the exit code says it
+        pass
+
+
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     try:
         return a.fn(a)
     except LoraLabError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
+        return 2
+    except OSError as e:
+        from .runs import DISK_FULL, disk_full
+
+        if not disk_full(e):
+            raise
+        _say(f"error: {DISK_FULL} Free some space, then try again.")
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -6,6 +6,9 @@ import json
 import zipfile
 from pathlib import Path
 
+from .errors import LoraLabError
+from .runs import RunDir, disk_full, removed_on_failure
+
 
 def loss_plot_png(rows: list[dict], path: Path) -> Path:
     """A loss curve (raw and smoothed) drawn with Pillow, so no plotting library is needed."""
@@ -42,26 +45,29 @@ def export_bundle(out: Path, images: list[tuple[str, object]], prompts: list[str
     """Write the zip; `images` are (name, PIL image) pairs."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, img in images:
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            z.writestr(f"images/{name}", buf.getvalue())
-        z.writestr("prompts.txt", "\n".join(prompts) + "\n")
-        z.writestr("settings.json", json.dumps(settings, indent=1))
-        if lora is not None and Path(lora).exists():
-            z.write(lora, f"lora/{Path(lora).name}")
-        if run_dir is not None:
-            run_dir = Path(run_dir)
-            if (run_dir / "config.yaml").exists():
-                z.write(run_dir / "config.yaml", "config.yaml")
-            if (run_dir / "metrics.jsonl").exists():
-                from .runs import RunDir
-
-                plot = loss_plot_png(RunDir(run_dir).metrics(), out.with_name(f".{out.stem}_loss.png"))
-                z.write(plot, "loss.png")
-                plot.unlink()
-                z.write(run_dir / "metrics.jsonl", "metrics.jsonl")
+    tmp, plot = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.stem}_loss.png")
+    try:
+        with removed_on_failure(out.parent, tmp, plot), zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            for name, img in images:
+                buf = io.BytesIO()
+                img.save(buf, format="PNG")
+                z.writestr(f"images/{name}", buf.getvalue())
+            z.writestr("prompts.txt", "\n".join(prompts) + "\n")
+            z.writestr("settings.json", json.dumps(settings, indent=1))
+            if lora is not None and Path(lora).exists():
+                z.write(lora, f"lora/{Path(lora).name}")
+            if run_dir is not None:
+                run_dir = Path(run_dir)
+                if (run_dir / "config.yaml").exists():
+                    z.write(run_dir / "config.yaml", "config.yaml")
+                if (run_dir / "metrics.jsonl").exists():
+                    z.write(loss_plot_png(RunDir(run_dir).metrics(), plot), "loss.png")
+                    plot.unlink()
+                    z.write(run_dir / "metrics.jsonl", "metrics.jsonl")
+    except OSError as e:
+        if disk_full(e):
+            raise LoraLabError(f"The disk is full: {out.name} was not written.",
+                               "Free some space (old runs, exports), then export again.") from e
+        raise
     tmp.replace(out)
     return out

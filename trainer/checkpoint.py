@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import LoraLabError
+from .runs import removed_on_failure
 
 
 def _dirs(root: Path) -> list[Path]:
@@ -31,7 +32,8 @@ def save_checkpoint(root: Path, step: int, adapter: dict, training_state: dict, 
     tmp = root / f"step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    try:
+    # torch.save on a full disk raises a bare RuntimeError: this tells it apart from a bug, while the disk is full
+    with removed_on_failure(root, tmp):
         save_file({k: v.contiguous().cpu() for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
         torch.save(training_state, tmp / "training_state.pt")
         (tmp / "state.json").write_text(json.dumps({**info, "step": step}))
@@ -41,9 +43,6 @@ def save_checkpoint(root: Path, step: int, adapter: dict, training_state: dict, 
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in _dirs(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -17,12 +17,14 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config
 from .errors import LoraLabError
-from .runs import RunDir, list_runs, open_run
+from . import run_lock
+from .runs import DISK_FULL, DISK_FULL_ADVICE, RunDir, delete_run, disk_full, list_runs, open_run
 
 
 def _pid_alive(pid) -> bool:
@@ -34,14 +36,18 @@ def _pid_alive(pid) -> bool:
 
 
 def mark_interrupted(workspace: Path) -> list[str]:
-    """Runs left running or queued by a process that is gone (app restart, crash) become 'interrupted'."""
+    """Runs left running or queued by a process that is gone (app restart, crash) become 'interrupted'.
+
+    Not one that a live process is training (another app on this workspace, a command line run): its lock says so.
+    """
     names = []
     roots = [Path(workspace)] + [p for sub in ("users", "sessions") for p in (Path(workspace) / sub).glob("*")]
     for root in roots:
         for run in list_runs(root):
             st = run.status()
             if st.get("state") in ("running", "queued") and (st.get("pid") == os.getpid()
-                                                             or not _pid_alive(st.get("pid"))):
+                                                             or not _pid_alive(st.get("pid"))) \
+                    and not run_lock.owner(run.path):
                 run.set_status("interrupted", error="The app stopped while this run was going.",
                                advice="Resume it to continue from its last checkpoint.")
                 names.append(run.name)
@@ -67,6 +73,11 @@ def _may_have_gpu() -> bool:
 
 
 ROOT = Path(__file__).resolve().parent.parent  # where `python -m trainer` is found
+
+
+def _same(a: RunDir, b: RunDir) -> bool:
+    """One run folder, however spelled (`runs/dup`, `runs/../runs/dup`, through a symlink)."""
+    return a.path == b.path or a.path.resolve() == b.path.resolve()
 LIVE_KEYS = ("speed", "eta", "memory", "phase")
 
 
@@ -130,7 +141,7 @@ class JobManager:
             return None
         with self.lock:
             for s in [*self.active.values(), *self.queue]:
-                if s.run.path == run.path:
+                if _same(s.run, run):
                     return s
         return None
 
@@ -143,7 +154,7 @@ class JobManager:
         """1-based place in the queue, or None when not waiting."""
         with self.lock:
             for n, s in enumerate(self.queue):
-                if s.run.path == run.path:
+                if _same(s.run, run):
                     return n + 1
         return None
 
@@ -156,8 +167,15 @@ class JobManager:
 
         with self.lock:
             run = new_run(workspace or self.workspace, cfg.name)
-            cfg.write(run.config_path)
-            run.set_status("queued", step=0, total_steps=cfg.train.steps, started=time.time(), pid=os.getpid())
+            try:
+                cfg.write(run.config_path)
+                run.set_status("queued", step=0, total_steps=cfg.train.steps, started=time.time(), pid=os.getpid())
+            except OSError as e:
+                delete_run(run)  # half made: no run to list
+                if disk_full(e):
+                    raise LoraLabError(DISK_FULL, "Free some space (old runs, exports, the cache folder), then "
+                                                  "start again.") from e
+                raise
             self._enqueue(Slot(run, cfg))
             return run
 
@@ -175,6 +193,8 @@ class JobManager:
             slot.thread.join(30)
         if self.slot_for(run):
             raise LoraLabError(f"{run.name} is already running or waiting.", "Watch it in the Train tab.")
+        if who := run_lock.owner(run.path):  # another app on this workspace, or a command line run
+            raise run_lock.busy_error(run.name, who)
         with self.lock:
             run.set_status("queued", pid=os.getpid())
             self._enqueue(Slot(run, load(run.config_path)))
@@ -184,7 +204,7 @@ class JobManager:
         """Take a waiting run out of the queue; it can be resumed later."""
         with self.lock:
             for s in self.queue:
-                if s.run.path == run.path:
+                if _same(s.run, run):
                     self.queue.remove(s)
                     run.set_status("stopped", error=None)
                     return True
@@ -230,7 +250,8 @@ class JobManager:
                 if device != "auto":
                     slot.cfg.train.device = device
                 self.active[device] = slot
-                slot.run.set_status("running", pid=os.getpid())
+                with suppress(OSError):  # not even in place (a full disk): its process says how it went
+                    slot.run.set_status("running", pid=os.getpid())
                 slot.thread = threading.Thread(target=self._work, args=(slot,), name=f"train-{slot.run.name}",
                                                daemon=True)
                 slot.thread.start()
@@ -254,15 +275,31 @@ class JobManager:
                 for command in slot.pending:
                     slot.send(command)
                 code = slot.proc.wait()
-            if slot.run.status().get("state") in ("running", "queued"):  # it died without saying why
+            who = run_lock.owner(slot.run.path)
+            if who and who.get("pid") != slot.proc.pid:
+                pass  # refused: another process took the run since resume() looked; the status is that one's
+            elif slot.run.status().get("state") in ("running", "queued"):  # it died without saying why
                 self._died(slot.run, code)
-        except OSError as e:  # could not start Python at all
-            slot.run.set_status("failed", error=f"Could not start the training process: {e}",
-                                advice="Check that the app's Python environment is intact (re-run the installer).")
+        except Exception as e:  # this thread must outlive anything: else the run shows 'running' with no process
+            self._failed(slot, e)
         finally:
             with self.lock:
                 self.active.pop(slot.device, None)
             self._dispatch()
+
+    @staticmethod
+    def _failed(slot: Slot, e: Exception) -> None:
+        if disk_full(e, slot.run.path):
+            error, advice = DISK_FULL, DISK_FULL_ADVICE
+        elif slot.proc is None and isinstance(e, OSError):
+            error = f"Could not start the training process: {e}"
+            advice = "Check that the app's Python environment is intact (re-run the installer)."
+        else:
+            error = f"The job manager lost this run: {type(e).__name__}: {e}"
+            advice = "Resume continues from the last checkpoint."
+        with suppress(OSError):
+            slot.run.set_status("failed", error=error, advice=advice)
+        slot.run.log(f"FAILED: {error}")
 
     @staticmethod
     def _died(run: RunDir, code: int) -> None:

@@ -5,16 +5,17 @@ add noise, predict it, step; report, save and sample on schedule; honour stop wi
 """
 from __future__ import annotations
 
-import errno
 import math
 import os
 import random
+import shutil
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
+from . import run_lock
 from .adapters import adapter_state_dict, load_adapter_state
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
@@ -26,7 +27,7 @@ from .export import adapter_file_tensors, metadata, save_file_atomic
 from .optim import compute_loss, min_snr_weights
 from .precision import ACCELERATE, DTYPE, mixed_precision
 from .prepare import Prepared, pick_device, prepare
-from .runs import RunDir, new_run
+from .runs import DISK_FULL, DISK_FULL_ADVICE, RunDir, disk_full, new_run, removed_on_failure
 from .sampling import generate
 
 
@@ -180,8 +181,9 @@ class Job:
         for i, img in enumerate(images):
             path = self.run.samples_dir / f"step{step:06d}_{i:02d}.png"
             tmp = path.with_name("." + path.name)
-            img.save(tmp, format="PNG")
-            tmp.replace(path)
+            with removed_on_failure(self.run.path, tmp):
+                img.save(tmp, format="PNG")
+                tmp.replace(path)
             self.emit("sample", step=step, path=str(path), prompt=s.prompts[i])
 
     def export(self, p: Prepared, step: int) -> Path:
@@ -189,7 +191,9 @@ class Job:
         tensors = adapter_file_tensors(p.model, p.model.family, cfg.network.algorithm, cfg.network.alpha)
         res = (cfg.dataset.resolution, cfg.dataset.resolution)
         meta = metadata(cfg, p.model.family, step, [e.caption for e in p.examples], len(p.examples), res)
-        return save_file_atomic(tensors, self.run.lora_path(cfg.name), meta, cfg.save.precision)
+        path = self.run.lora_path(cfg.name)
+        with removed_on_failure(self.run.path, path.with_name(f".{path.name}.tmp")):  # save_file_atomic's temporary
+            return save_file_atomic(tensors, path, meta, cfg.save.precision)
 
     # --- the loop -----------------------------------------------------------------------
     def train(self, resume: bool) -> RunDir:
@@ -220,7 +224,7 @@ class Job:
         elif cfg.train.compile:
             unet = torch.compile(unet)
         unet, optimizer = acc.prepare(unet, p.optimizer)
-        step = self.restore(p, acc) if resume else p.start_step
+        step = begun = self.restore(p, acc) if resume else p.start_step
         self.cuda = device if device.type == "cuda" else None
         if self.cuda:  # the peak shown is the training's: caching (VAE, text encoders) is over by now
             torch.cuda.reset_peak_memory_stats(device)
@@ -273,13 +277,15 @@ class Job:
         if pending:
             last_loss = self.flush(pending, acc, step, total, t0, done0)
         if step < total:  # stopped
-            self.save(p, step, acc)
+            if step > begun:  # else its checkpoint is the one it resumed from
+                self.save(p, step, acc)
             if self.main:
                 self.run.set_status("stopped", step=step, total_steps=total, last_loss=last_loss)
             self.emit("status", state="stopped", step=step)
             self.log(f"stopped at step {step}; resume continues from here")
             return self.run
-        self.save(p, step, acc)
+        if step > begun:
+            self.save(p, step, acc)
         if self.cuda:
             self.log(f"peak GPU memory while training: {torch.cuda.max_memory_allocated(self.cuda) / 1024**3:.2f} GB")
         if self.main:
@@ -330,40 +336,71 @@ def oom_advice(cfg: Config) -> str:
     return "Out of accelerator memory. Try to " + ", ".join(tips or ["use a smaller rank or a smaller model"]) + "."
 
 
-def _new_run_once(cfg: Config, workspace: Path) -> RunDir:
-    """The run folder, made by the main process only; under `accelerate launch` the others get its path."""
+def _claim_run(cfg: Config, workspace: Path, run: RunDir | None) -> tuple[RunDir, run_lock.RunLock | None]:
+    """The run folder (made when new) and its lock, taken by the main process before it writes anything there.
+
+    A second process on a run that is being trained stops here, having changed nothing. Under `accelerate launch`
+    the other processes get the folder, or the refusal, from the main one.
+    """
     from accelerate import PartialState
 
+    try:
+        cpu = pick_device(cfg.train.device).type == "cpu"
+    except LoraLabError:
+        if run is None:
+            raise  # nothing made yet
+        cpu = True  # Job.train reports a device that is not there as this run's failure
     # cpu=True is what lets several CPU processes (gloo) form one run; it must be said at the first call.
-    state = PartialState(cpu=pick_device(cfg.train.device).type == "cpu")
-    path = [None]
+    state = PartialState(cpu=cpu)
+    lock, error, answer = None, None, [None, None]  # answer: [run folder, refusal], what the others are told
     if state.is_main_process:
-        run = new_run(workspace, cfg.name)
-        cfg.write(run.config_path)
-        run.set_status("running", step=0, total_steps=cfg.train.steps, started=time.time())
-        path = [str(run.path)]
+        made = run is None
+        try:
+            if made:
+                run = new_run(workspace, cfg.name)
+            lock = run_lock.acquire(run.path)
+            if made:
+                cfg.write(run.config_path)
+                run.set_status("running", step=0, total_steps=cfg.train.steps, started=time.time())
+            answer[0] = str(run.path)
+        except Exception as e:
+            error, answer[1] = e, str(e)
+            if lock:
+                lock.release()
+            if made and run is not None:  # a folder without its config is no run: leave none behind
+                shutil.rmtree(run.path, ignore_errors=True)
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        broadcast_object_list(path)
-    return RunDir(Path(path[0]))
+        broadcast_object_list(answer)
+    if error is not None:
+        raise error
+    if answer[1]:
+        raise LoraLabError(answer[1])
+    return RunDir(Path(answer[0])), lock
 
 
 def run_job(cfg: Config, workspace: Path, callback: Callback | None = None, control: Control | None = None,
             run: RunDir | None = None) -> RunDir:
     """Train `cfg` in a new run folder, or in `run` from its last checkpoint if it has one.
 
-    Failures end as status 'failed' with advice, and raise.
+    Failures end as status 'failed' with advice, and raise. A run another process trains is refused
+    (LoraLabError) and left as it is.
     """
     resume = run is not None
-    if run is None:
-        run = _new_run_once(cfg, workspace)
+    try:
+        run, lock = _claim_run(cfg, workspace, run)
+    except OSError as e:
+        if not (resume and disk_full(e)):
+            raise
+        # The lock file did not fit (we did hold it, for that instant): the run says why it did not start.
+        _record_failure(run, DISK_FULL, DISK_FULL_ADVICE)
+        raise LoraLabError(DISK_FULL, DISK_FULL_ADVICE) from None
     job = Job(cfg, run, callback, control)
 
     def fail(error: str, advice: str):
         if job.main:
-            run.set_status("failed", error=error, advice=advice)
-            run.log(f"FAILED: {error} {advice}")
+            _record_failure(run, error, advice)
         job.emit("status", state="failed", error=error, advice=advice)
 
     try:
@@ -379,18 +416,26 @@ def run_job(cfg: Config, workspace: Path, callback: Callback | None = None, cont
         advice = oom_advice(cfg)
         fail("Out of accelerator memory.", advice)
         raise LoraLabError("Out of accelerator memory.", advice)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        fail("The disk is full.", "Free some space (old runs, the cache folder), then resume: the last complete "
-             "checkpoint is intact.")
-        raise LoraLabError("The disk is full.", "Free some space, then resume the run.")
     except KeyboardInterrupt:
         fail("Interrupted.", "Resume the run to continue from its last checkpoint.")
         raise
     except Exception as e:
+        if disk_full(e):  # the writes name it (removed_on_failure), whichever library failed
+            fail(DISK_FULL, DISK_FULL_ADVICE)
+            raise LoraLabError(DISK_FULL, DISK_FULL_ADVICE) from None
         if job.main:
             run.log(traceback.format_exc())
         fail(f"{type(e).__name__}: {e}", "This looks like a bug; the log (log.txt) has details. "
              "Resume continues from the last checkpoint.")
         raise
+    finally:
+        if lock:
+            lock.release()
+
+
+def _record_failure(run: RunDir, error: str, advice: str) -> None:
+    try:
+        run.set_status("failed", error=error, advice=advice)
+    except OSError:
+        pass  # not even in place (a full disk): the app's job manager, or its next start, says the run ended
+    run.log(f"FAILED: {error} {advice}")
