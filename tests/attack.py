@@ -94,3 +94,17 @@ def sweep(client, victim_files: dict[str, str], values: list[str], rotations: in
                 problems.append(f"{name}: a traceback reached the caller")
     assert not problems, "\n".join(problems)
     return outcomes
+
+
+def fetch(url: str, path, cookie: str) -> int:
+    """The HTTP status of Gradio's file route for `path`, asked with `cookie`."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"{url}gradio_api/file={path}", headers={"Cookie": cookie})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code

@@ -3,14 +3,12 @@
 Each test is a numbered finding of issue 14, tried through the real server (gradio_client and plain
 HTTP on 127.0.0.1); each asserts the refusal and that nothing of Bob's changed or came back.
 """
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from app_server import ROOT, AppServer
-from attack import SECRET, sweep, tree
+from attack import SECRET, fetch, sweep, tree
 from trainer.data.demo import make_demo_dataset
 
 USERS = "alice:apple\nbob:banana\ncarol:cherry\ndave:date\nalice.:dot\n"
@@ -103,27 +101,17 @@ def _login_cookie(url, user, password) -> str:
     return "; ".join(f"{k}={v}" for k, v in r.cookies.items())
 
 
-def _fetch(url, path, cookie) -> int:
-    req = urllib.request.Request(f"{url}gradio_api/file={path}", headers={"Cookie": cookie})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            r.read()
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
 def test_4_gradio_file_route_serves_only_the_callers_own_workspace(lab):
-    url, ws = lab["server"].url, lab["server"].workspace
+    url = lab["server"].url
     alice_cookie = _login_cookie(url, "alice", "apple")
     own = Path(lab["alice"].predict(api_name="/on_demo"))
-    assert _fetch(url, next(own.glob("*.png")), alice_cookie) == 200
+    assert fetch(url, next(own.glob("*.png")), alice_cookie) == 200
     for victim in [lab["lora"], lab["bob_ws"] / "runs" / "bob-run" / "config.yaml", next(lab["bob_ws"].rglob("*.txt")),
                    f"{own}/../../../bob/runs/bob-run/config.yaml"]:
-        assert _fetch(url, victim, alice_cookie) == 403, victim
-    assert _fetch(url, ROOT / "app.py", alice_cookie) == 403
-    assert _fetch(url, lab["lora"], "") in (401, 403)  # nobody logged in
-    assert _fetch(url, lab["lora"], _login_cookie(url, "bob", "banana")) == 200  # Bob gets his own
+        assert fetch(url, victim, alice_cookie) == 403, victim
+    assert fetch(url, ROOT / "app.py", alice_cookie) == 403
+    assert fetch(url, lab["lora"], "") in (401, 403)  # nobody logged in
+    assert fetch(url, lab["lora"], _login_cookie(url, "bob", "banana")) == 200  # Bob gets his own
 
 
 def test_5_config_paths_are_confined_to_what_the_caller_may_read(lab):

@@ -2,14 +2,12 @@
 
 Numbered as the findings of issue 14; each through the real server, with two visitors' cookies.
 """
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from app_server import AppServer
-from attack import SECRET, sweep, tree
+from attack import SECRET, fetch, sweep, tree
 
 
 @pytest.fixture(scope="module")
@@ -81,26 +79,16 @@ def test_8_space_caps_bound_every_setting_that_multiplies_the_work(space):
         assert "only these models" in message, message
 
 
-def _fetch(url, path, cookie) -> int:
-    req = urllib.request.Request(f"{url}gradio_api/file={path}", headers={"Cookie": cookie})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            r.read()
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
 def _cookie(client) -> str:
     return "; ".join(f"{k}={v}" for k, v in client.cookies.items())
 
 
 def test_4_a_visitor_fetches_files_of_their_own_session_only(space):
     url, lora = space["server"].url, space["lora"]
-    assert _fetch(url, lora, _cookie(space["vera"])) == 200
-    assert _fetch(url, lora, _cookie(space["mallory"])) == 403
-    assert _fetch(url, lora, "") == 403
-    assert _fetch(url, space["server"].workspace / ".visitor-secret", _cookie(space["vera"])) == 403
+    assert fetch(url, lora, _cookie(space["vera"])) == 200
+    assert fetch(url, lora, _cookie(space["mallory"])) == 403
+    assert fetch(url, lora, "") == 403
+    assert fetch(url, space["server"].workspace / ".visitor-secret", _cookie(space["vera"])) == 403
 
 
 def test_every_endpoint_with_veras_paths_gives_nothing_of_hers(space):

@@ -149,8 +149,11 @@ class Config:
     def write(self, path: Path) -> None:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_yaml(), encoding="utf-8")
-        tmp.replace(path)
+        from .runs import removed_on_failure
+
+        with removed_on_failure(path.parent, tmp):
+            tmp.write_text(self.to_yaml(), encoding="utf-8")
+            tmp.replace(path)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "name"}

@@ -1,10 +1,12 @@
-"""What every tab shares: the workspace, the job manager, where models are found, and path checks."""
+"""What every tab shares: the workspace (the caller's own), the job manager and where models are found.
+
+What a caller may read or write is decided in access.py.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.errors import LoraLabError
 from trainer.jobs import JobManager
 
 SUBDIRS = ("runs", "datasets", "models", "loras", "exports")

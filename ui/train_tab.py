@@ -7,6 +7,7 @@ import gradio as gr
 
 from trainer.config import Config, list_presets, resolve
 from trainer.errors import LoraLabError
+from trainer import run_lock
 from trainer.runs import delete_run, list_runs
 
 from . import access
@@ -207,7 +208,7 @@ def build(ctx, data):
     @guarded(3)
     def on_delete(name):
         run = access.run(ctx, name)
-        if ctx.jobs.slot_for(run):
+        if ctx.jobs.slot_for(run) or run_lock.owner(run.path):  # the latter: trained by another app or the CLI
             return "⚠️ That run is training or waiting; stop or cancel it first.", gr.skip(), gr.skip()
         delete_run(run)
         rows, choices = refresh()
