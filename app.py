@@ -22,8 +22,8 @@ def parse_args(argv=None):
     p.add_argument("--no-browser", action="store_true", help="don't open a browser tab")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt pickle checkpoints (trusted files only)")
     p.add_argument("--data-dir", action="append", default=None,
-                   help="a folder the app may read datasets and models from (repeatable); default: your home "
-                        "folder on a local launch, none when shared")
+                   help="a folder that users of a shared app (--share, --host, --users, Space) may read datasets "
+                        "and models from (repeatable); a local launch may use any folder")
     p.add_argument("--space", action="store_true",
                    help="Hugging Face Space mode (automatic on a Space): uploads only, a workspace per session, caps")
     return p.parse_args(argv)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         a.host = "0.0.0.0" if os.environ.get("SPACE_ID") else a.host
         a.no_browser = True
     local = not a.share and a.host in ("127.0.0.1", "localhost", "::1")
-    data_dirs = a.data_dir if a.data_dir is not None else ([str(Path.home())] if local else [])
+    data_dirs = a.data_dir or []
     devices = [d.strip() for d in a.devices.split(",")] if a.devices else None
     ctx = AppContext.create(a.workspace, a.models_dir, a.allow_pickle, space=in_space, data_dirs=data_dirs,
                             per_user=per_user and not in_space, devices=devices, local=local)

@@ -13,12 +13,12 @@ from ui.access import read_path
 from ui.context import AppContext
 
 
-def test_paths_are_confined_to_the_workspace_and_configured_folders(tmp_path):
+def test_a_shared_app_confines_paths_to_the_workspace_and_configured_folders(tmp_path):
     allowed = tmp_path / "data"
     (allowed / "set").mkdir(parents=True)
     secret = tmp_path / "secret"
     secret.mkdir()
-    ctx = AppContext.create(tmp_path / "ws", data_dirs=[str(allowed)])
+    ctx = AppContext.create(tmp_path / "ws", data_dirs=[str(allowed)], local=False)  # e.g. --share
     assert read_path(ctx, str(allowed / "set")) == (allowed / "set").resolve()
     assert read_path(ctx, "datasets") == (tmp_path / "ws" / "datasets").resolve()
     for bad in [str(secret), str(allowed / ".." / "secret"), "../../secret", "/etc"]:
@@ -27,6 +27,26 @@ def test_paths_are_confined_to_the_workspace_and_configured_folders(tmp_path):
     (allowed / "link").symlink_to(secret)
     with pytest.raises(LoraLabError, match="outside the folders"):
         read_path(ctx, str(allowed / "link"))
+
+
+def test_a_local_launch_uses_any_folder_the_user_types(tmp_path):
+    """Served on this machine only, to one user: their folders are theirs (no --data-dir needed)."""
+    from gradio_client import Client
+
+    from app_server import AppServer
+    from trainer.data.demo import make_demo_dataset
+
+    folder = make_demo_dataset(tmp_path / "anywhere" / "one-line-art", count=3, size=64)
+    server = AppServer(tmp_path / "ws")
+    try:
+        client = Client(server.url, verbose=False)
+        message, counts, *_ = client.predict(str(folder), "train", "image", "text", api_name="/on_load")
+        assert "3 images" in counts, message
+        message, *_ = client.predict("sks", "", "", "", "", api_name="/on_apply")  # captions are theirs too
+        assert message.startswith("Changed 3 of 3"), message
+        assert all(p.read_text().startswith("sks, ") for p in folder.glob("*.txt"))
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("name, expect", [("../../etc/passwd", "etc-passwd"), ("my run", "my-run"),

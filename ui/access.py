@@ -3,8 +3,8 @@ request names.
 
 The caller's own workspace (`ctx.workspace`) may be read and written. The shared folders (the model
 folders and `--data-dir`) may be read, never written. In Space mode there is nothing but the
-visitor's own workspace. Only on a local single-user launch (127.0.0.1, no `--share`, one user) may
-the user write outside the workspace, in the folders they may read (their own files).
+visitor's own workspace. On a local single-user launch (127.0.0.1, no `--share`, one user) the user
+is the machine's owner: any folder they type is theirs to read and write.
 
 Names the UI offers (runs, LoRAs) are looked up among the caller's own, never joined onto a path,
 so a free-text dropdown or a scripted request can't turn them into one.
@@ -33,6 +33,7 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def readable_roots(ctx) -> list[Path]:
+    """Where a shared launch's callers may read (a local launch's user may read anywhere)."""
     if ctx.space:
         return [ctx.workspace.resolve()]
     return [ctx.workspace.resolve(), *ctx.model_dirs, *ctx.data_dirs]
@@ -50,15 +51,14 @@ def read_path(ctx, text: str, must_exist: bool = True) -> Path:
         raise LoraLabError(f"'{shown(text)}' is not a usable path.", "Type the folder's path as the file manager shows it.")
     # resolve() has followed every link and '..', so this also stops escapes through links.
     others = (ctx.space or ctx.per_user) and _inside(p, ctx.root) and not _inside(p, ctx.workspace.resolve())
-    if others or not any(_inside(p, root) for root in readable_roots(ctx)):
+    if shared(ctx) and (others or not any(_inside(p, root) for root in readable_roots(ctx))):
         if ctx.space:
             raise LoraLabError("This is a shared demo: folders on the server are not available.",
                                "Upload your images (or a zip) in the Dataset tab instead.")
         allowed = ", ".join(map(str, readable_roots(ctx)))
         raise LoraLabError(f"{shown(text)} is outside the folders LoRA Lab may use.",
-                           "Put it in your workspace" + ("" if shared(ctx) else
-                                                         ", or start the app with --data-dir pointing at its folder")
-                           + f" (allowed now: {allowed}).")
+                           f"This app is shared: put it in your workspace (allowed now: {allowed}), or ask whoever "
+                           "runs it to add its folder with --data-dir.")
     if must_exist and not p.exists():
         raise LoraLabError(f"{shown(text)} does not exist.", "Check the path (it is on the machine running LoRA Lab).")
     return p
@@ -71,7 +71,7 @@ def write_path(ctx, path: Path) -> Path:
     if _inside(p, ctx.workspace.resolve()):
         return p
     if not shared(ctx):
-        return read_path(ctx, str(p), must_exist=False)
+        return p
     raise LoraLabError(f"{p.parent} is a shared folder: LoRA Lab only reads it.",
                        "Copy the dataset into your workspace (Dataset tab: upload it, or ask for a copy) and edit it there.")
 
