@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     # caller fetch from their own workspace only.
     app.launch(server_name=a.host, server_port=a.port, share=a.share, auth=auth, inbrowser=not a.no_browser,
                theme=gr.themes.Soft(), css=CSS, show_error=False, allowed_paths=[str(ctx.root)],
+               blocked_paths=[str(ctx.root / ".visitor-secret")],
                max_file_size=space.MAX_UPLOAD if in_space else None,
                app_kwargs={"middleware": [Middleware(Guard, ctx=ctx), Middleware(PageFix)]})
     return 0

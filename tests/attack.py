@@ -96,12 +96,12 @@ def sweep(client, victim_files: dict[str, str], values: list[str], rotations: in
     return outcomes
 
 
-def fetch(url: str, path, cookie: str) -> int:
-    """The HTTP status of Gradio's file route for `path`, asked with `cookie`."""
+def fetch(url: str, path, cookie: str, route: str = "file=") -> int:
+    """The HTTP status of one of Gradio's file routes (`file=PATH`, `file/PATH`) for `path`, asked with `cookie`."""
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(f"{url}gradio_api/file={path}", headers={"Cookie": cookie})
+    req = urllib.request.Request(f"{url}gradio_api/{route}{path}", headers={"Cookie": cookie})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             r.read()

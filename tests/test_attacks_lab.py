@@ -11,7 +11,7 @@ from app_server import ROOT, AppServer
 from attack import SECRET, fetch, sweep, tree
 from trainer.data.demo import make_demo_dataset
 
-USERS = "alice:apple\nbob:banana\ncarol:cherry\ndave:date\nalice.:dot\n"
+USERS = "alice:apple\nbob:banana\ncarol:cherry\ndave:date\nerin:elder\nalice.:dot\n"
 
 
 def cfg(data, name, steps=3, **sections):
@@ -108,7 +108,8 @@ def test_4_gradio_file_route_serves_only_the_callers_own_workspace(lab):
     assert fetch(url, next(own.glob("*.png")), alice_cookie) == 200
     for victim in [lab["lora"], lab["bob_ws"] / "runs" / "bob-run" / "config.yaml", next(lab["bob_ws"].rglob("*.txt")),
                    f"{own}/../../../bob/runs/bob-run/config.yaml"]:
-        assert fetch(url, victim, alice_cookie) == 403, victim
+        for route in ("file=", "file/"):  # the second is Gradio's older spelling of the same route
+            assert fetch(url, victim, alice_cookie, route) == 403, (route, victim)
     assert fetch(url, ROOT / "app.py", alice_cookie) == 403
     assert fetch(url, lab["lora"], "") in (401, 403)  # nobody logged in
     assert fetch(url, lab["lora"], _login_cookie(url, "bob", "banana")) == 200  # Bob gets his own
@@ -189,6 +190,13 @@ def test_13_wrong_passwords_are_throttled_and_distinct_users_never_share_a_works
     r = httpx.post(url + "login", data={"username": "carol", "password": "cherry"})
     assert r.status_code == 429 and "Try again in" in r.text  # even the right password waits
     assert httpx.post(url + "login", data={"username": "dave", "password": "date"}).status_code == 200
+    # A browser sends the login as multipart; a form may name several users (Gradio reads the last).
+    codes = [httpx.post(url + "login", files={"username": (None, "erin"), "password": (None, f"guess{i}")}).status_code
+             for i in range(6)]
+    assert codes == [400] * 5 + [429], codes
+    sneaky = httpx.post(url + "login", content=b"username=x1&username=erin&password=elder",
+                        headers={"content-type": "application/x-www-form-urlencoded"})
+    assert sneaky.status_code == 429
 
     from gradio_client import Client
 

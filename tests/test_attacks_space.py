@@ -13,7 +13,7 @@ from attack import SECRET, fetch, sweep, tree
 @pytest.fixture(scope="module")
 def space(tmp_path_factory):
     server = AppServer(tmp_path_factory.mktemp("space-attacks") / "workspace", "--space",
-                       env={"LORA_LAB_SPACE_MAX_STEPS": "20"})
+                       env={"LORA_LAB_SPACE_MAX_STEPS": "20", "LORA_LAB_SPACE_MAX_UPLOAD_MB": "3"})
     from gradio_client import Client
 
     vera, mallory = Client(server.url, verbose=False), Client(server.url, verbose=False)  # each keeps its cookie
@@ -85,10 +85,33 @@ def _cookie(client) -> str:
 
 def test_4_a_visitor_fetches_files_of_their_own_session_only(space):
     url, lora = space["server"].url, space["lora"]
-    assert fetch(url, lora, _cookie(space["vera"])) == 200
-    assert fetch(url, lora, _cookie(space["mallory"])) == 403
-    assert fetch(url, lora, "") == 403
-    assert fetch(url, space["server"].workspace / ".visitor-secret", _cookie(space["vera"])) == 403
+    for route in ("file=", "file/"):
+        assert fetch(url, lora, _cookie(space["vera"]), route) == 200
+        assert fetch(url, lora, _cookie(space["mallory"]), route) == 403
+        assert fetch(url, lora, "", route) == 403
+        assert fetch(url, space["server"].workspace / ".visitor-secret", _cookie(space["vera"]), route) == 403
+
+
+def test_8_uploads_and_captions_stay_within_the_visitors_quota(space, tmp_path):
+    """LoRA uploads count against the upload total; captions can't be grown into a disk filler."""
+    import torch
+    from gradio_client import Client, handle_file
+    from safetensors.torch import save_file
+
+    visitor = Client(space["server"].url, verbose=False)
+    own = Path(visitor.predict(api_name="/on_demo")).parent.parent
+    message, counts, *_ = visitor.predict("datasets/demo", "train", "image", "text", api_name="/on_load")
+    visitor.predict("", "", "circle", "x" * 250, "", api_name="/on_apply")
+    for _ in range(6):  # each doubles the x's: 250, 500, … until refused
+        message, *_ = visitor.predict("", "", "x", "xx", "", api_name="/on_apply")
+        if "too long" in message:
+            break
+    assert "too long" in message, message
+    assert max(len(t.read_text()) for t in own.rglob("*.txt")) <= 4000
+    big = tmp_path / "big.safetensors"
+    save_file({"lora_unet_a.lora_down.weight": torch.zeros(400_000)}, str(big))  # 1.6 MB
+    results = [visitor.predict(handle_file(str(big)), api_name="/on_upload_1")[0] for _ in range(3)]
+    assert results[0].startswith("Added") and "at most 3" in results[-1], results
 
 
 def test_every_endpoint_with_veras_paths_gives_nothing_of_hers(space):

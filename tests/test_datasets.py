@@ -172,6 +172,26 @@ def test_hf_parquet_and_imagefolder_metadata(tmp_path):
     assert sorted(i.caption for i in ds.items) == ["thing 0", "thing 1", "thing 2"]
 
 
+def test_a_dataset_naming_image_files_outside_itself_gets_none_of_them(tmp_path):
+    """A dataset's rows may name image files by path (a hub dataset made so): only files inside the dataset
+    (or the download caches) are read; another user's image, /etc or /dev/zero are skipped by name."""
+    import datasets
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "ds").mkdir()
+    img(tmp_path / "other" / "secret.png", size=(32, 32))
+    img(tmp_path / "ds" / "mine.png", size=(32, 32))
+    rows = {"image": [{"bytes": None, "path": str(tmp_path / p)} for p in ("other/secret.png", "ds/mine.png")]
+            + [{"bytes": None, "path": "/dev/zero"}], "text": ["a", "b", "c"]}
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "ds" / "d.parquet"))
+    ds = load_dataset_source(str(tmp_path / "ds" / "d.parquet"))
+    assert [i.caption for i in ds.items] == ["b"]
+    problems = [str(p) for p in ds.problems]
+    assert len(problems) == 2 and problems[0].startswith("row 0: image path outside the dataset (/")
+    assert problems[1] == "row 2: image path outside the dataset (/dev/zero); skipped"
+
+
 def test_hub_dataset_offline_says_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

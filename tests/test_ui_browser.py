@@ -147,13 +147,18 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     assert steps == list(range(1, 41))
 
     # Test: compare with the base model from the same seed, then export the zip.
+    # Opening the tab offers the new LoRA first, named with its family and step; with the prompt box
+    # left empty, Compare uses the run's own sample prompts.
     page.get_by_role("tab", name="4 · Test").click()
-    page.get_by_role("button", name="Refresh lists").click()
-    time.sleep(1)
-    pick(page, "test-lora-0", "browser-run.safetensors")
+    lora_box = page.locator("#test-lora-0 input")
+    wait_for(lambda: "browser-run.safetensors (SD 1.x, step 40)" in lora_box.input_value(), 30,
+             what=lambda: f"the new LoRA in slot 1, not {lora_box.input_value()!r}")
+    page.click("#test-compare")
+    wait_for(lambda: "with LoRA · " in page.inner_text("#test-gallery"), 120, what="a comparison from the run's prompts")
     page.fill("#test-prompts textarea", "lablora, a red circle")
     page.click("#test-compare")
-    wait_for(lambda: page.locator("#test-gallery img").count() >= 2, 120, what="comparison images")
+    wait_for(lambda: "with LoRA · lablora, a red circle" in page.inner_text("#test-gallery"), 120,
+             what="comparison images")
     page.click("#test-export")
     wait_for(lambda: "Exported" in page.inner_text("#test-message"), 60, what="export")
     page.screenshot(path=str(SHOTS / "test.png"), full_page=True)

@@ -86,15 +86,36 @@ def run(ctx, name) -> RunDir:
     raise LoraLabError(f"There is no run '{shown(name)}' of yours.", "Pick one from the run history.")
 
 
+FAMILY_NAMES = {"sd15": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+def _label(path: Path, run: str | None = None) -> str:
+    """`name.safetensors (SD 1.x, step 400)`, from the file's header only (its tensors are not read)."""
+    from safetensors import safe_open
+
+    from trainer.lora_file import FAMILY_OF_VERSION
+
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+    except Exception:  # not readable as safetensors: listed by name, refused with a reason when used
+        meta = {}
+    facts = [FAMILY_NAMES.get(FAMILY_OF_VERSION.get(meta.get("ss_base_model_version", ""), ""), "")]
+    facts += [f"step {meta['ss_steps']}"] if meta.get("ss_steps") else []
+    facts += [f"run {run}"] if run and run != path.stem else []
+    facts = [f for f in facts if f]
+    return f"{path.name} ({', '.join(facts)})" if facts else path.name
+
+
 def my_loras(ctx) -> list[tuple[str, str]]:
     """(label, value) of the caller's LoRA files, newest run first; a value is the file's place in the
     workspace (`runs/NAME/NAME.safetensors`, `loras/FILE`), never an absolute path."""
     out = []
     for r in list_runs(ctx.workspace):
         lora = r.status().get("lora")
-        if isinstance(lora, str) and (r.path / lora).is_file():
-            out.append((f"{r.name} ({Path(lora).name})", f"runs/{r.name}/{Path(lora).name}"))
-    out += [(p.name, f"loras/{p.name}") for p in sorted((ctx.workspace / "loras").glob("*.safetensors"))]
+        if isinstance(lora, str) and (r.path / Path(lora).name).is_file():
+            out.append((_label(r.path / Path(lora).name, r.name), f"runs/{r.name}/{Path(lora).name}"))
+    out += [(_label(p), f"loras/{p.name}") for p in sorted((ctx.workspace / "loras").glob("*.safetensors"))]
     return out
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from trainer.data.summary import bulk_edit, caption_file, save_caption
+from trainer.data.summary import bulk_edit, caption_file, check_caption, save_caption
+from trainer.errors import shown
 
 from . import access
 from .errors import guarded, message as error_message
@@ -78,7 +79,8 @@ def build(ctx, data):
     def on_preview(ds, p, s, f, r, rm):
         if ds is None:
             return "Load a dataset first."
-        rows = [f"- `{it.caption}` → `{bulk_edit(it.caption, p, s, f, r, rm)}`" for it in ds.items[:5]]
+        rows = [f"- `{shown(it.caption, 300)}` → `{shown(bulk_edit(it.caption, p, s, f, r, rm), 300)}`"
+                for it in ds.items[:5]]
         return "\n".join(rows)
 
     def on_auto(ds, i, choice, path, how, trig, progress=gr.Progress()):
@@ -123,14 +125,11 @@ def build(ctx, data):
     def on_apply(ds, i, p, s, f, r, rm):
         if ds is None:
             return "Load a dataset first.", gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        changed = 0
         if ds.items:
             access.write_path(ctx, caption_file(ds.items[0], ctx.workspace / "captions"))  # before any is changed
-        for it in ds.items:
-            new = bulk_edit(it.caption, p, s, f, r, rm)
-            if new != it.caption:
-                save(it, new)
-                changed += 1
-        return (f"Changed {changed} of {len(ds.items)} captions.", *show(ds, i))
+        edits = [(it, new) for it in ds.items if (new := check_caption(bulk_edit(it.caption, p, s, f, r, rm))) != it.caption]
+        for it, new in edits:
+            save(it, new)
+        return (f"Changed {len(edits)} of {len(ds.items)} captions.", *show(ds, i))
 
     apply_btn.click(on_apply, [ds_state, index, prefix, suffix, find, replace, remove], [message, *outs])

@@ -12,7 +12,6 @@ import os
 import time
 from collections import defaultdict, deque
 from pathlib import Path
-from urllib.parse import parse_qs
 
 from .identity import Visitors
 
@@ -72,8 +71,10 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        if "/file=" in path and not self._may_fetch(scope, path.split("/file=", 1)[1]):
-            return await _respond(send, 403, "That file belongs to another workspace.")
+        # Gradio serves files at /gradio_api/file=PATH and, still, at /gradio_api/file/PATH.
+        for route in ("/file=", "/file/"):
+            if route in path and not self._may_fetch(scope, path.split(route, 1)[1]):
+                return await _respond(send, 403, "That file belongs to another workspace.")
         if scope.get("method") == "POST" and path.rstrip("/").endswith("/login"):
             return await self._login(scope, receive, send)
         if self.visitors is not None and self.visitors.of_header(_cookies(scope)) is None:
@@ -125,15 +126,27 @@ class Guard:
 
     # --- logins --------------------------------------------------------------------------------------
     async def _login(self, scope, receive, send):
+        from starlette.requests import Request
+
         body, more = b"", True
-        while more and len(body) <= 65536:
+        while more:
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
-        form = parse_qs(body.decode("latin-1"))
-        user = (form.get("username") or [""])[0].strip()[:200]
+            if len(body) > 65536:
+                return await _respond(send, 413, "A login form is a user name and a password.")
+
+        async def once():
+            return {"type": "http.request", "body": body, "more_body": False}
+        try:
+            # Read as Gradio reads it (a browser sends multipart, a script may send either kind); a form
+            # naming several users is throttled for each of them.
+            form = await Request(scope, once).form()
+            users = [str(u).strip()[:200] for u in form.getlist("username")] or [""]
+        except Exception:
+            users = [""]
         address = (scope.get("client") or ("?",))[0]
-        wait = self.logins.wait(user, address)
+        wait = max(self.logins.wait(user, address) for user in users)
         if wait > 0:
             return await _respond(send, 429, f"Too many wrong passwords. Try again in {int(wait) + 1} s.",
                                   [(b"retry-after", str(int(wait) + 1).encode())])
@@ -148,7 +161,8 @@ class Guard:
 
         async def noting(message):
             if message["type"] == "http.response.start":
-                self.logins.record(user, address, message["status"] < 400)
+                for user in users:
+                    self.logins.record(user, address, message["status"] < 400)
             await send(message)
 
         await self.app(scope, replay, noting)

@@ -35,6 +35,6 @@ def build_app(ctx) -> gr.Blocks:
                 train_tab.build(ctx, data)
             with gr.Tab("4 · Test", id="test") as test:
                 tests = test_tab.build(ctx)
-        test.select(tests["on_refresh"], None, tests["lists"], show_progress="hidden")  # lists current on opening
+        test.select(tests["on_refresh"], tests["first"], tests["lists"], show_progress="hidden")  # current on opening
         api.build(ctx)
     return app

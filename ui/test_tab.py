@@ -77,6 +77,18 @@ def build(ctx):
         access.generation(ctx, [t for t in (text or "").splitlines() if t.strip()], st, w, h)
         return ctx.load_model(access.base_model(ctx, spec))
 
+    def prompts_for(text, first_lora) -> str:
+        """The prompts typed, or else those of LoRA 1's run (its sample prompts, else its trigger word)."""
+        if (text or "").strip() or not first_lora:
+            return text or ""
+        run = _run_of(access.lora(ctx, first_lora))
+        if run is None:
+            return ""
+        from trainer.config import load
+
+        cfg = load(run / "config.yaml")
+        return "\n".join(cfg.sample.prompts) or cfg.dataset.caption_prefix
+
     def gen(spec, text, neg, sd, st, g, w, h, sch, loras):
         model = model_for(spec, text, st, w, h)
         return _generate(model, text.splitlines(), neg, sd, st, g, w, h, sch, loras)
@@ -97,6 +109,7 @@ def build(ctx):
 
     @guarded(3)
     def on_generate(spec, text, neg, sd, st, g, w, h, sch, *ls):
+        text = prompts_for(text, ls[0])
         loras = _loras(ls[:SLOTS], ls[SLOTS:])
         imgs = gen(spec, text, neg, sd, st, g, w, h, sch, loras)
         lines = [t for t in text.splitlines() if t.strip()]
@@ -104,6 +117,7 @@ def build(ctx):
 
     @guarded(3)
     def on_compare(spec, text, neg, sd, st, g, w, h, sch, *ls):
+        text = prompts_for(text, ls[0])
         loras = _loras(ls[:SLOTS], ls[SLOTS:])
         if not loras:
             raise LoraLabError("No LoRA picked.", "Pick a LoRA in slot 1 to compare with the base model.")
@@ -117,6 +131,7 @@ def build(ctx):
 
     @guarded(3)
     def on_sweep(spec, text, neg, sd, st, g, w, h, sch, *ls):
+        text = prompts_for(text, ls[0])
         if not ls[0]:
             raise LoraLabError("No LoRA picked.", "Pick a LoRA in slot 1.")
         lora = access.lora(ctx, ls[0])
@@ -128,6 +143,7 @@ def build(ctx):
 
     @guarded(3)
     def on_grid(spec, text, neg, sd, st, g, w, h, sch, *ls):
+        text = prompts_for(text, ls[0])
         from trainer.checkpoint_lora import checkpoint_loras
 
         run = _run_of(access.lora(ctx, ls[0])) if ls[0] else None
@@ -152,6 +168,7 @@ def build(ctx):
         from trainer.bundle import export_bundle
 
         lora = access.lora(ctx, l0) if l0 else None
+        text = prompts_for(text, l0)
         if not pairs:
             raise LoraLabError("Nothing to export yet.", "Generate or compare images first.")
         named = [(f"{i:02d}_{cap.split(' · ')[0].replace(' ', '_')}.png", img) for i, (img, cap) in enumerate(pairs)]
@@ -172,6 +189,9 @@ def build(ctx):
         from trainer.runs import safe_name
 
         read_lora(src)  # refuses files that are not LoRAs before they are kept
+        from .uploads import check_space_quota
+
+        check_space_quota(ctx, src.stat().st_size, 1)
         dest = ctx.workspace / "loras" / (safe_name(src.stem) + ".safetensors")
         shutil.copy(src, dest)
         choices = lora_choices()
@@ -180,11 +200,13 @@ def build(ctx):
 
     upload.upload(on_upload, upload, [message, *lora_boxes, base])
 
-    def on_refresh():
+    def on_refresh(first=None):
+        """Current lists; LoRA 1, when empty, offers the newest run's LoRA."""
         choices = lora_choices()
-        return [gr.update(choices=ctx.base_models()), *[gr.update(choices=choices)] * SLOTS]
+        pick = gr.update(choices=choices, value=choices[0][1]) if choices and not first else gr.update(choices=choices)
+        return [gr.update(choices=ctx.base_models()), pick, *[gr.update(choices=choices)] * (SLOTS - 1)]
 
-    refresh.click(on_refresh, None, [base, *lora_boxes])
+    refresh.click(on_refresh, lora_boxes[0], [base, *lora_boxes])
 
     @guarded(1)
     def on_push(rep, tok, l0, pairs):
@@ -196,4 +218,4 @@ def build(ctx):
         return f"Pushed: {url}"
 
     push_btn.click(on_push, [repo, token, lora_boxes[0], images], push_msg)
-    return {"refresh": refresh, "on_refresh": on_refresh, "lists": [base, *lora_boxes]}
+    return {"refresh": refresh, "on_refresh": on_refresh, "lists": [base, *lora_boxes], "first": lora_boxes[0]}

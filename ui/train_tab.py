@@ -5,9 +5,9 @@ import time
 
 import gradio as gr
 
+from trainer import run_lock
 from trainer.config import Config, list_presets, resolve
 from trainer.errors import LoraLabError
-from trainer import run_lock
 from trainer.runs import delete_run, list_runs
 
 from . import access

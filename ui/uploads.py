@@ -45,7 +45,7 @@ _locks_lock = threading.Lock()
 
 
 def space_limits() -> tuple[int, int]:
-    """(bytes, files) one Space visitor may keep in their datasets."""
+    """(bytes, files) one Space visitor may keep in their uploads (datasets and LoRAs)."""
     mb = float(os.environ.get("LORA_LAB_SPACE_MAX_UPLOAD_MB", 200))
     return int(mb * 1024**2), int(os.environ.get("LORA_LAB_SPACE_MAX_UPLOAD_FILES", 500))
 
@@ -90,7 +90,7 @@ def save_uploads(ctx, files: list, name: str) -> Path:
     targets = _plan_names(entries)
     datasets = ctx.workspace / "datasets"
     with _lock_for(datasets):
-        _check_totals(ctx, datasets, entries)
+        _check_totals(ctx, entries)
         return _write(entries, targets, datasets, _dataset_name(name))
 
 
@@ -179,7 +179,7 @@ def _plan_names(entries: list[_Entry]) -> list[PurePosixPath]:
     return out
 
 
-def _check_totals(ctx, datasets: Path, entries: list[_Entry]) -> None:
+def _check_totals(ctx, entries: list[_Entry]) -> None:
     n, size = len(entries), sum(e.size for e in entries)
     if n > MAX_UPLOAD_FILES:
         raise LoraLabError(f"The upload holds {n:,} images and captions; at most {MAX_UPLOAD_FILES:,} are taken "
@@ -187,15 +187,22 @@ def _check_totals(ctx, datasets: Path, entries: list[_Entry]) -> None:
     if size > MAX_UPLOAD_BYTES:
         raise LoraLabError(f"The upload unpacks to {_mb(size)}; at most {_mb(MAX_UPLOAD_BYTES)} are taken at once.",
                            "Upload a smaller set, or split it into several datasets.")
-    if ctx.space:
-        max_bytes, max_files = space_limits()
-        used, used_n = _usage(datasets)
-        if used + size > max_bytes or used_n + n > max_files:
-            raise LoraLabError(
-                f"This demo keeps at most {_mb(max_bytes)} and {max_files:,} files of datasets per visitor: yours hold "
-                f"{_mb(used)} in {used_n:,} files, and this upload adds {_mb(size)} in {n:,}.",
-                "Upload fewer or smaller images, or delete a dataset you no longer need; for larger sets run "
-                "LoRA Lab on your own machine.")
+    check_space_quota(ctx, size, n)
+
+
+def check_space_quota(ctx, size: int, n: int) -> None:
+    """Space mode: what a visitor has uploaded (datasets and LoRAs) plus `n` files of `size` bytes stays
+    within the demo's total per visitor."""
+    if not ctx.space:
+        return
+    max_bytes, max_files = space_limits()
+    used, used_n = map(sum, zip(_usage(ctx.workspace / "datasets"), _usage(ctx.workspace / "loras")))
+    if used + size > max_bytes or used_n + n > max_files:
+        raise LoraLabError(
+            f"This demo keeps at most {_mb(max_bytes)} and {max_files:,} files of uploads per visitor: yours hold "
+            f"{_mb(used)} in {used_n:,} files, and this upload adds {_mb(size)} in {n:,}.",
+            "Upload fewer or smaller files, or delete a dataset you no longer need; for larger sets run "
+            "LoRA Lab on your own machine.")
 
 
 def _write(entries: list[_Entry], targets: list[PurePosixPath], datasets: Path, name: str) -> Path:

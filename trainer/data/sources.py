@@ -14,7 +14,7 @@ from typing import Callable
 
 from PIL import Image
 
-from ..errors import LoraLabError
+from ..errors import LoraLabError, shown
 from .images import IMAGE_EXTS, UnreadableImage, open_image, too_many_pixels
 
 KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
@@ -199,6 +199,28 @@ def open_hf(source: str):
                            "(save_to_disk) and give the folder.")
 
 
+def _image_roots(source: str) -> list[Path]:
+    """Where a dataset's images may be read from by path: its own folder (a local dataset) and the
+    Hugging Face caches a hub dataset is downloaded to."""
+    import datasets
+    from huggingface_hub import constants
+
+    roots = [Path(datasets.config.HF_DATASETS_CACHE), Path(constants.HF_HUB_CACHE)]
+    local = Path(source).expanduser()
+    if local.exists():
+        roots.append(local if local.is_dir() else local.parent)
+    return [r.resolve() for r in roots]
+
+
+def _image_file(path: str, roots: list[Path]) -> bytes:
+    """The bytes of an image a dataset row names by path: only a regular file inside the dataset or the
+    caches; a row naming any other file (another user's, /dev/zero, /etc/…) is refused."""
+    p = Path(path).resolve()
+    if not any(p == r or r in p.parents for r in roots) or not p.is_file():
+        raise LoraLabError(f"image path outside the dataset ({shown(path)})")
+    return p.read_bytes()
+
+
 def load_hf(source: str, split: str, image_column: str, caption_column: str) -> Dataset:
     import datasets
 
@@ -221,10 +243,15 @@ def load_hf(source: str, split: str, image_column: str, caption_column: str) -> 
                            f"Pick a text column; the columns are: {', '.join(cols)}.")
     raw = ds.cast_column(image_column, datasets.Image(decode=False))
     items, problems = [], []
+    roots = _image_roots(source)
     for i, row in enumerate(raw.select_columns([image_column, caption_column])):
         img = row[image_column] or {}
-        data = img.get("bytes") or (Path(img["path"]).read_bytes() if img.get("path") else b"")
         name = f"row {i}"
+        try:
+            data = img.get("bytes") or (_image_file(img["path"], roots) if img.get("path") else b"")
+        except LoraLabError as e:
+            problems.append(Problem(name, f"{e.problem}; skipped"))
+            continue
         try:
             probe = open_image(data)
         except UnreadableImage as e:

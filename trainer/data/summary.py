@@ -65,7 +65,19 @@ def caption_file(item, captions_dir: Path | None = None) -> Path:
     return captions_dir / f"{item.name.replace(' ', '_')}.txt"
 
 
+MAX_CAPTION = 4000  # characters: a long tag list is a few hundred; CLIP reads 77 tokens (225 with chunking)
+
+
+def check_caption(text: str) -> str:
+    text = " ".join((text or "").split())
+    if len(text) > MAX_CAPTION:
+        raise LoraLabError(f"A caption of {len(text):,} characters is too long.",
+                           f"Keep captions under {MAX_CAPTION:,} characters (the text encoder reads far fewer).")
+    return text
+
+
 def save_caption(item, text: str, captions_dir: Path | None = None) -> Path:
+    text = check_caption(text)
     path = caption_file(item, captions_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = " ".join(text.split())
