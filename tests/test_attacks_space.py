@@ -123,3 +123,20 @@ def test_every_endpoint_with_veras_paths_gives_nothing_of_hers(space):
     outcomes = sweep(space["mallory"], {k: v for k, v in space["files"].items() if v not in mine}, values, rotations=2)
     assert len(outcomes) >= 40
     assert tree(ws) == space["files"]
+
+
+def test_8_a_visitor_queues_one_run_at_a_time(space):
+    from gradio_client import Client
+
+    visitor = Client(space["server"].url, verbose=False)
+    demo = visitor.predict(api_name="/on_demo")
+    first = visitor.predict(cfg(demo, train="{steps: 20}"), api_name="/start_run")
+    with pytest.raises(Exception, match="takes 1 at a time"):
+        visitor.predict(cfg(demo), api_name="/start_run")
+    for update in visitor.submit(first, api_name="/watch"):
+        pass
+    assert update["state"] == "completed"
+    second = visitor.predict(cfg(demo), api_name="/start_run")  # once it has ended, the next is taken
+    for update in visitor.submit(second, api_name="/watch"):
+        pass
+    assert update["state"] == "completed"

@@ -186,8 +186,12 @@ def test_an_open_page_at_rest_draws_no_frames(server, browser):
         window.requestAnimationFrame = (cb) => { window.__frames++; return raf(cb); };""")
     page.goto(server.url)
     page.get_by_role("tab", name="3 · Train").click()
-    time.sleep(4)  # loaded and settled
-    page.evaluate("window.__frames = 0")
-    time.sleep(4)
-    assert page.evaluate("window.__frames") / 4 < 5  # was 60 a second
+    page.locator("#run-progress").wait_for(timeout=120_000)  # the live stream has answered
+    # A loaded machine (CI) may take a while to settle: measure 4-second spells until one is at rest.
+    rates, deadline = [], time.time() + 120
+    while time.time() < deadline and (not rates or rates[-1] >= 5):
+        page.evaluate("window.__frames = 0")
+        time.sleep(4)
+        rates.append(page.evaluate("window.__frames") / 4)
+    assert rates[-1] < 5, rates  # was 60 a second, for as long as the page was open
     page.close()

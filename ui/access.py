@@ -205,6 +205,18 @@ def check_config(ctx, cfg) -> None:
         check_caps(ctx, cfg)
 
 
+def may_queue(ctx) -> None:
+    """One caller's share of the device queue on a shared app: a Space visitor one run at a time (training
+    or waiting), a lab server's user three; a local launch queues as many as its user likes."""
+    most = 1 if ctx.space else 3 if shared(ctx) else None
+    # (a run that has said it ended no longer counts while its process is still closing)
+    mine = sum(s.run.status().get("state") in ("running", "queued") for s in ctx.jobs.runs_in(ctx.workspace))
+    if most is not None and mine >= most:
+        raise LoraLabError(f"You have {mine} run{'s' if mine > 1 else ''} training or waiting already; this "
+                           f"{'demo' if ctx.space else 'server'} takes {most} at a time from each person.",
+                           "Wait for one to end, or cancel a waiting one in the run history.")
+
+
 def generation(ctx, prompts: list[str], steps, width, height) -> None:
     """Bounds on one Test-tab request: what a shared server will draw for one click."""
     from .space import MAX_GEN_PROMPTS, MAX_GEN_SIDE

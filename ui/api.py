@@ -35,6 +35,7 @@ def build(ctx):
             raise LoraLabError("The config must be YAML text.")
         cfg = config_from_dict(parse_yaml(config_yaml) or {})
         access.check_config(ctx, cfg)
+        access.may_queue(ctx)
         return ctx.jobs.start(cfg, ctx.workspace).name
 
     async def watch(run_name: str) -> AsyncIterator[dict]:

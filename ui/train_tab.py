@@ -103,6 +103,7 @@ def build(ctx, data):
         if not cfg.dataset.source:
             return "⚠️ No dataset: load one in the Dataset tab first.", gr.skip()
         access.check_config(ctx, cfg)
+        access.may_queue(ctx)
         run = ctx.jobs.start(cfg, ctx.workspace)
         return started_message(ctx, run), history_rows(ctx.workspace)
 
@@ -188,7 +189,10 @@ def build(ctx, data):
 
     def on_resume(name):
         try:
-            run = ctx.jobs.resume(access.run(ctx, name).path)
+            run = access.run(ctx, name)
+            if not ctx.jobs.slot_for(run):  # (resuming one already going says so itself)
+                access.may_queue(ctx)
+            run = ctx.jobs.resume(run.path)
             pos = ctx.jobs.position(run)
             return f"Resumed **{run.name}**." + (f" It waits as number {pos} for a device." if pos else "")
         except Exception as e:
