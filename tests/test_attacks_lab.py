@@ -226,3 +226,23 @@ def test_every_endpoint_with_bobs_paths_and_names_gives_nothing_of_his(lab):
     outcomes = sweep(lab["alice"], victim, values)
     assert len(outcomes) >= 40, sorted(outcomes)
     unchanged(lab)
+
+
+def test_pages_of_other_sites_cannot_use_a_logged_in_users_cookie(lab):
+    """Gradio's CORS answers any origin once the app is reached by a host name: the guard refuses
+    requests that another site's page makes with the user's cookies."""
+    import httpx
+
+    url = lab["server"].url
+    cookie = _login_cookie(url, "alice", "apple")
+    own = next(Path(lab["alice"].predict(api_name="/on_demo")).glob("*.txt"))
+    evil = {"Cookie": cookie, "Host": "lab.example.edu", "Origin": "https://evil.example"}
+    assert httpx.get(f"{url}gradio_api/file={own}", headers=evil).status_code == 403
+    r = httpx.post(f"{url}gradio_api/call/on_demo", json={"data": []}, headers=evil)
+    assert r.status_code == 403 and "other sites" in r.text
+    sneaky = {"Cookie": cookie, "Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "cors"}  # another port, same host
+    assert httpx.get(f"{url}gradio_api/file={own}", headers=sneaky).status_code == 403
+    same = {"Cookie": cookie, "Origin": url.rstrip("/"), "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}
+    assert httpx.get(f"{url}gradio_api/file={own}", headers=same).status_code == 200
+    assert httpx.get(url, headers={"Cookie": cookie, "Sec-Fetch-Site": "cross-site",
+                                   "Sec-Fetch-Mode": "navigate"}).status_code == 200  # a link from elsewhere

@@ -13,7 +13,8 @@ from attack import SECRET, fetch, sweep, tree
 @pytest.fixture(scope="module")
 def space(tmp_path_factory):
     server = AppServer(tmp_path_factory.mktemp("space-attacks") / "workspace", "--space",
-                       env={"LORA_LAB_SPACE_MAX_STEPS": "20", "LORA_LAB_SPACE_MAX_UPLOAD_MB": "3"})
+                       env={"LORA_LAB_SPACE_MAX_STEPS": "20", "LORA_LAB_SPACE_MAX_UPLOAD_MB": "3",
+                            "LORA_LAB_SPACE_MIN_FREE_MB": "64", "LORA_LAB_SPACE_MAX_QUEUE": "2"})
     from gradio_client import Client
 
     vera, mallory = Client(server.url, verbose=False), Client(server.url, verbose=False)  # each keeps its cookie
@@ -46,7 +47,7 @@ def test_8_a_visitor_cannot_choose_whose_workspace_they_get(space):
         no_cookie.predict(api_name="/on_demo")
     mallory = Client(space["server"].url, verbose=False)
     mallory.session_hash = space["vera"].session_hash  # Gradio's page session id, which the browser picks
-    with pytest.raises(Exception, match="belongs to someone else"):
+    with pytest.raises(Exception):  # the guard refuses the join (403), or the handler "belongs to someone else"
         mallory.predict("vera", api_name="/open_run")
     with pytest.raises(Exception, match="no run 'vera' of yours"):
         space["mallory"].predict("vera", api_name="/watch")
@@ -64,6 +65,7 @@ def test_8_space_caps_bound_every_setting_that_multiplies_the_work(space):
                        ({"sample": f"{{prompts: {prompts}, width: 4096}}"}, "px|sample images"),
                        ({"train": "{steps: 20}", "sample": "{prompts: [a, b, c], every_n_steps: 1}"}, "sample images"),
                        ({"train": "{steps: 500}"}, "at most 20 steps"),
+                       ({"network": "{rank: 1024}"}, "ranks of at most 64"),
                        ({"model": "{base: stabilityai/sdxl}"}, "only these models")]:
         with pytest.raises(Exception, match=says):
             mallory.predict(cfg(demo, **over), api_name="/start_run")
@@ -140,3 +142,37 @@ def test_8_a_visitor_queues_one_run_at_a_time(space):
     for update in visitor.submit(second, api_name="/watch"):
         pass
     assert update["state"] == "completed"
+
+
+def test_8_fresh_cookies_do_not_fill_the_queue_and_uploads_need_the_page(space):
+    """Cookies cost nothing: the queue as a whole is capped, and Gradio's upload route wants a visitor."""
+    import httpx
+    from gradio_client import Client
+
+    visitors = [Client(space["server"].url, verbose=False) for _ in range(4)]
+    demos = [v.predict(api_name="/on_demo") for v in visitors]
+    names = [v.predict(cfg(d, train="{steps: 20}"), api_name="/start_run") for v, d in zip(visitors[:3], demos)]
+    with pytest.raises(Exception, match="The demo is busy: 2 runs are waiting"):
+        visitors[3].predict(cfg(demos[3]), api_name="/start_run")
+    for v, name in zip(visitors, names):
+        for update in v.submit(name, api_name="/watch"):
+            pass
+    r = httpx.post(space["server"].url + "gradio_api/upload", files={"files": ("x.bin", b"x" * 1000)})
+    assert r.status_code == 403 and "visitor cookie" in r.text
+
+
+def test_5_another_visitors_page_session_reaches_nothing(space):
+    import httpx
+
+    url, vera = space["server"].url, space["vera"]
+    mallory = {"Cookie": _cookie(space["mallory"])}
+    page = vera.session_hash
+    assert httpx.get(f"{url}gradio_api/deep_link", params={"session_hash": page}, headers=mallory).status_code == 404
+    assert httpx.get(f"{url}gradio_api/queue/data", params={"session_hash": page}, headers=mallory).status_code == 403
+    assert httpx.get(f"{url}gradio_api/heartbeat/{page}", headers=mallory).status_code == 403
+    r = httpx.post(f"{url}gradio_api/cancel", json={"session_hash": page, "fn_index": 0, "event_id": "x"},
+                   headers=mallory)
+    assert r.status_code == 403
+    # A cookie in an odd format set beside the visitor's own changes nothing (no new identity, files still served).
+    odd = {"Cookie": 'foo="x; ' + _cookie(vera)}
+    assert fetch(url, space["lora"], odd["Cookie"]) == 200

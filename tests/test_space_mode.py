@@ -7,7 +7,7 @@ from app_server import AppServer
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     s = AppServer(tmp_path_factory.mktemp("space") / "workspace", "--space",
-                  env={"LORA_LAB_SPACE_MAX_STEPS": "20"})
+                  env={"LORA_LAB_SPACE_MAX_STEPS": "20", "LORA_LAB_SPACE_MIN_FREE_MB": "64"})
     yield s
     s.stop()
 

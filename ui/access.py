@@ -209,12 +209,29 @@ def may_queue(ctx) -> None:
     """One caller's share of the device queue on a shared app: a Space visitor one run at a time (training
     or waiting), a lab server's user three; a local launch queues as many as its user likes."""
     most = 1 if ctx.space else 3 if shared(ctx) else None
+    if ctx.space:
+        from .space import MAX_QUEUE
+
+        disk_room(ctx)
+        if ctx.jobs.queue_length() >= MAX_QUEUE:
+            raise LoraLabError(f"The demo is busy: {ctx.jobs.queue_length()} runs are waiting for the device.",
+                               "Try again in a few minutes.")
     # (a run that has said it ended no longer counts while its process is still closing)
     mine = sum(s.run.status().get("state") in ("running", "queued") for s in ctx.jobs.runs_in(ctx.workspace))
     if most is not None and mine >= most:
         raise LoraLabError(f"You have {mine} run{'s' if mine > 1 else ''} training or waiting already; this "
                            f"{'demo' if ctx.space else 'server'} takes {most} at a time from each person.",
                            "Wait for one to end, or cancel a waiting one in the run history.")
+
+
+def disk_room(ctx) -> None:
+    """A Space writes nothing more (uploads, runs, exports) once its disk is nearly full: anyone can be a
+    new visitor, so per-visitor totals alone can't protect it."""
+    import shutil
+
+    least = float(os.environ.get("LORA_LAB_SPACE_MIN_FREE_MB", 2048)) * 1024**2
+    if ctx.space and shutil.disk_usage(ctx.root).free < least:
+        raise LoraLabError("The demo's disk is nearly full.", "Try again later, or run LoRA Lab on your own machine.")
 
 
 def generation(ctx, prompts: list[str], steps, width, height) -> None:

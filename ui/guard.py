@@ -32,6 +32,38 @@ async def _respond(send, status: int, detail: str, headers: list | None = None) 
     await send({"type": "http.response.body", "body": body})
 
 
+def _same_site(scope) -> bool:
+    """False for a request another site's page makes with this user's cookies (Gradio's CORS answers any
+    origin, with credentials, once the app is reached by a name other than localhost). A link followed
+    from elsewhere (a navigation) is fine; scripts without a browser send no Origin and pass."""
+    from urllib.parse import urlsplit
+
+    h = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+    origin = h.get("origin")
+    if origin is not None:
+        host = (h.get("x-forwarded-host") or h.get("host") or "").split(",")[0].strip().lower()
+        if origin == "null" or urlsplit(origin).netloc.lower() != host:
+            return False
+    return not (h.get("sec-fetch-site") in ("cross-site", "same-site") and h.get("sec-fetch-mode") != "navigate")
+
+
+async def _buffered(scope, receive, limit: int = 65536):
+    """The request's body (a small form or JSON), and a `receive` that hands it on unchanged."""
+    body, more = b"", True
+    while more and len(body) <= limit:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+
+    async def replay():
+        nonlocal body
+        if body is not None:
+            message, body = {"type": "http.request", "body": body, "more_body": more}, None
+            return message
+        return await receive()
+    return body, replay
+
+
 class LoginThrottle:
     def __init__(self):
         self.fails: dict[tuple, deque] = defaultdict(deque)
@@ -71,15 +103,51 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
+        if not _same_site(scope):
+            return await _respond(send, 403, "Requests from other sites are refused.")
         # Gradio serves files at /gradio_api/file=PATH and, still, at /gradio_api/file/PATH.
         for route in ("/file=", "/file/"):
             if route in path and not self._may_fetch(scope, path.split(route, 1)[1]):
                 return await _respond(send, 403, "That file belongs to another workspace.")
+        if path.rstrip("/").endswith("/deep_link"):  # a page's whole state by its session id; the app uses none
+            return await _respond(send, 404, "Not found.")
         if scope.get("method") == "POST" and path.rstrip("/").endswith("/login"):
             return await self._login(scope, receive, send)
+        if self.ctx.space or self.ctx.per_user:
+            body, receive = await _buffered(scope, receive) if path.rstrip("/").endswith("/cancel") else (b"", receive)
+            if not self._owns_page(scope, path, body):
+                return await _respond(send, 403, "This page session belongs to someone else. Reload the page.")
+        if self.visitors is not None and path.rstrip("/").endswith("/upload"):
+            if self.visitors.of_header(_cookies(scope)) is None:
+                return await _respond(send, 403, "Open the page first: uploads need its visitor cookie.")
+            from .access import disk_room
+
+            try:
+                disk_room(self.ctx)
+            except Exception as e:
+                return await _respond(send, 507, str(e))
         if self.visitors is not None and self.visitors.of_header(_cookies(scope)) is None:
             return await self.app(scope, receive, self._with_cookie(send))
         return await self.app(scope, receive, send)
+
+    # --- page sessions -------------------------------------------------------------------------------
+    def _owns_page(self, scope, path: str, body: bytes) -> bool:
+        """Gradio's routes that take a page session id (its results, heartbeat, cancel) serve only the caller
+        that session belongs to (scope.py binds it at the page's first event)."""
+        from urllib.parse import parse_qs
+
+        from .scope import OWNERS
+
+        pages = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("session_hash", [])
+        if "/heartbeat/" in path:
+            pages.append(path.rsplit("/heartbeat/", 1)[1].strip("/"))
+        if body:
+            try:
+                pages.append(str(json.loads(body).get("session_hash", "")))
+            except (ValueError, AttributeError):
+                pass
+        owners = {OWNERS.get(p) for p in pages} - {None}
+        return not owners or owners == {self._caller(scope)}
 
     # --- files ---------------------------------------------------------------------------------------
     def _may_fetch(self, scope, wanted: str) -> bool:
@@ -97,18 +165,20 @@ class Guard:
         own = self._workspace_of(scope)
         return own is not None and (target == own or own in target.parents)
 
-    def _workspace_of(self, scope) -> Path | None:
+    def _caller(self, scope) -> str | None:
+        """Who sends this request: a Space visitor by their cookie, a lab user by Gradio's login token."""
         if self.ctx.space:
-            who = self.visitors.of_header(_cookies(scope))
-        else:
-            gradio_app = scope.get("app")  # Starlette puts the app (Gradio's) into the scope
-            from http.cookies import SimpleCookie
+            return self.visitors.of_header(_cookies(scope))
+        from starlette.requests import cookie_parser
 
-            jar = SimpleCookie()
-            jar.load(_cookies(scope))
-            cid = getattr(gradio_app, "cookie_id", "")
-            token = next((jar[k].value for k in (f"access-token-{cid}", f"access-token-unsecure-{cid}") if k in jar), None)
-            who = getattr(gradio_app, "tokens", {}).get(token) if token else None
+        jar = cookie_parser(_cookies(scope))
+        gradio_app = scope.get("app")  # Starlette puts the app (Gradio's) into the scope
+        cid = getattr(gradio_app, "cookie_id", "")
+        token = jar.get(f"access-token-{cid}") or jar.get(f"access-token-unsecure-{cid}")
+        return getattr(gradio_app, "tokens", {}).get(token) if token else None
+
+    def _workspace_of(self, scope) -> Path | None:
+        who = self._caller(scope)
         return self.ctx.workspace_of(who).resolve() if who else None
 
     # --- the visitor cookie --------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import hashlib
 import hmac
 import os
 import secrets
-from http.cookies import SimpleCookie
 from pathlib import Path
 
 COOKIE = "lora-lab-visitor"
@@ -63,12 +62,11 @@ class Visitors:
         return self.check(cookies.get(COOKIE)) or self.check(cookies.get(LAX_COOKIE))
 
     def of_header(self, header: str) -> str | None:
-        jar = SimpleCookie()
-        try:
-            jar.load(header or "")
-        except Exception:  # a malformed Cookie header is the same as none
-            return None
-        return self.of_cookies({k: m.value for k, m in jar.items()})
+        # Starlette's parser, as the handlers' requests use: a cookie another page set in an odd format
+        # must not make the two disagree about who is asking.
+        from starlette.requests import cookie_parser
+
+        return self.of_cookies(cookie_parser(header or ""))
 
     @staticmethod
     def set_cookie_headers(value: str, max_age: int) -> list[tuple[bytes, bytes]]:

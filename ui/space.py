@@ -22,6 +22,8 @@ MAX_CHECKPOINTS = _env("MAX_CHECKPOINTS", 10)
 MAX_GEN_PROMPTS = _env("MAX_GEN_PROMPTS", 8)  # Test tab: prompts per click
 MAX_GEN_SIDE = _env("MAX_GEN_SIDE", 1024)
 MAX_UPLOAD = _env("MAX_UPLOAD_MB", 200) * 1024**2  # one uploaded file (Gradio refuses larger ones)
+MAX_RANK = _env("MAX_RANK", 64)
+MAX_QUEUE = _env("MAX_QUEUE", 8)  # runs waiting, all visitors together
 
 
 def detected() -> bool:
@@ -54,6 +56,10 @@ def check_caps(ctx, cfg) -> None:
         refuse(f"at most {MAX_SAMPLE_IMAGES} sample images of at most 50 steps in a run (asked: "
                f"{len(s.prompts)} prompts × {rounds} times, {s.steps} steps)",
                "Use fewer sample prompts, sample less often, or fewer sample steps.")
+    if cfg.network.rank > MAX_RANK:
+        refuse(f"ranks of at most {MAX_RANK} (asked: {cfg.network.rank})", f"Set network.rank to {MAX_RANK} or less.")
+    if cfg.save.keep_last > 3:
+        refuse("at most 3 checkpoints kept", "Set save.keep_last to 3 or less.")
     if cfg.save.every_n_steps and t.steps // cfg.save.every_n_steps > MAX_CHECKPOINTS:
         refuse(f"at most {MAX_CHECKPOINTS} checkpoints in a run", "Raise save.every_n_steps.")
     source = Path(d.source)

@@ -167,11 +167,16 @@ def build(ctx):
     def on_export(pairs, text, l0, s0, sd, st, g):
         from trainer.bundle import export_bundle
 
+        from trainer.runs import safe_name
+
+        from .uploads import check_space_quota
+
         lora = access.lora(ctx, l0) if l0 else None
         text = prompts_for(text, l0)
         if not pairs:
             raise LoraLabError("Nothing to export yet.", "Generate or compare images first.")
-        named = [(f"{i:02d}_{cap.split(' · ')[0].replace(' ', '_')}.png", img) for i, (img, cap) in enumerate(pairs)]
+        check_space_quota(ctx, lora.stat().st_size if lora else 0, 1)
+        named = [(f"{i:02d}_{safe_name(cap.split(' · ')[0])}.png", img) for i, (img, cap) in enumerate(pairs)]
         out = ctx.workspace / "exports" / f"lora-lab-{time.strftime('%Y%m%d-%H%M%S')}.zip"
         export_bundle(out, named, [t for t in text.splitlines() if t.strip()], lora, _run_of(lora) if lora else None,
                       {"seed": sd, "steps": st, "guidance": g, "lora_strength": s0})

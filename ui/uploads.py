@@ -191,12 +191,15 @@ def _check_totals(ctx, entries: list[_Entry]) -> None:
 
 
 def check_space_quota(ctx, size: int, n: int) -> None:
-    """Space mode: what a visitor has uploaded (datasets and LoRAs) plus `n` files of `size` bytes stays
-    within the demo's total per visitor."""
+    """Space mode: what a visitor keeps (datasets, uploaded LoRAs, export zips) plus `n` files of `size`
+    bytes stays within the demo's total per visitor."""
     if not ctx.space:
         return
+    from .access import disk_room
+
+    disk_room(ctx)
     max_bytes, max_files = space_limits()
-    used, used_n = map(sum, zip(_usage(ctx.workspace / "datasets"), _usage(ctx.workspace / "loras")))
+    used, used_n = map(sum, zip(*(_usage(ctx.workspace / sub) for sub in ("datasets", "loras", "exports"))))
     if used + size > max_bytes or used_n + n > max_files:
         raise LoraLabError(
             f"This demo keeps at most {_mb(max_bytes)} and {max_files:,} files of uploads per visitor: yours hold "
