@@ -1,8 +1,13 @@
 """ASGI middleware in front of Gradio for the shared modes (a lab server, a Space).
 
-- Gradio's file route (`/gradio_api/file=PATH`) serves the workspace folder to anyone logged in;
-  here a path inside the workspace is served only when it lies in the caller's own workspace.
-- Space visitors get their signed visitor cookie (see identity.py) on their first request.
+- Requests another site's page makes with the user's cookies are refused (Gradio's CORS answers any
+  origin, with credentials, once the app is reached by a host name).
+- Gradio's file routes (`/gradio_api/file=PATH`, `/gradio_api/file/PATH`) serve the workspace folder to
+  anyone logged in; here a path inside the workspace is served only from the caller's own workspace.
+- Gradio's routes that take a page session id (results, heartbeat, cancel) answer only the caller who
+  opened that page (scope.py); its deep links, which hand out a page's whole state, are closed.
+- Space visitors get their signed visitor cookie (see identity.py) on their first request, and Gradio's
+  upload route wants one.
 - Wrong passwords are throttled per user name and address (Gradio's login has no limit).
 """
 from __future__ import annotations
