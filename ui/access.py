@@ -107,16 +107,24 @@ def _label(path: Path, run: str | None = None) -> str:
     return f"{path.name} ({', '.join(facts)})" if facts else path.name
 
 
-def my_loras(ctx) -> list[tuple[str, str]]:
-    """(label, value) of the caller's LoRA files, newest run first; a value is the file's place in the
-    workspace (`runs/NAME/NAME.safetensors`, `loras/FILE`), never an absolute path."""
+def _my_lora_files(ctx) -> list[tuple[Path, str | None]]:
+    """(file, run name or None) of the caller's LoRAs, newest run first, then the uploaded ones."""
     out = []
     for r in list_runs(ctx.workspace):
         lora = r.status().get("lora")
         if isinstance(lora, str) and (r.path / Path(lora).name).is_file():
-            out.append((_label(r.path / Path(lora).name, r.name), f"runs/{r.name}/{Path(lora).name}"))
-    out += [(_label(p), f"loras/{p.name}") for p in sorted((ctx.workspace / "loras").glob("*.safetensors"))]
-    return out
+            out.append((r.path / Path(lora).name, r.name))
+    return out + [(p, None) for p in sorted((ctx.workspace / "loras").glob("*.safetensors"))]
+
+
+def _value(path: Path, run: str | None) -> str:
+    return f"runs/{run}/{path.name}" if run else f"loras/{path.name}"
+
+
+def my_loras(ctx) -> list[tuple[str, str]]:
+    """(label, value) of the caller's LoRA files; a value is the file's place in the workspace
+    (`runs/NAME/NAME.safetensors`, `loras/FILE`), never an absolute path."""
+    return [(_label(path, run), _value(path, run)) for path, run in _my_lora_files(ctx)]
 
 
 def lora(ctx, value) -> Path:
@@ -124,7 +132,7 @@ def lora(ctx, value) -> Path:
     if not isinstance(value, str) or not value.strip():
         raise LoraLabError("No LoRA picked.", "Pick a LoRA from the list.")
     value = value.strip()
-    if value in {v for _, v in my_loras(ctx)}:
+    if value in {_value(path, run) for path, run in _my_lora_files(ctx)}:
         return (ctx.workspace / value).resolve()
     if not shared(ctx):
         p = read_path(ctx, value)
