@@ -118,6 +118,10 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     wait_for(lambda: progress(page)[1] >= 10, 120, what="steps")
     wait_for(lambda: page.locator("#loss-plot path").count() > 0, 30, what="loss points")
     wait_for(lambda: page.locator("#train-samples img").count() >= 1, 60, what="a sample image")
+    wait_for(lambda: "step 8 · " in page.inner_text("#train-samples"), 30, what="samples labelled with their step")
+    page.click("#train-save-now")
+    wait_for(lambda: "Save now: checkpoint saved at step" in page.locator("#train-log textarea").input_value(), 60,
+             what="Save now in the log")
 
     page.click("#train-stop")
     state, stopped_at = wait_for(lambda: progress(page) if progress(page)[0] == "stopped" else None, 60,

@@ -272,7 +272,11 @@ class Job:
                 pending = []
             if save_due or save_now:
                 self.save(p, step, acc)
+                if save_now:
+                    self.log(f"Save now: checkpoint saved at step {step}")
             if sample_due or sample_now:
+                if sample_now:
+                    self.log(f"Sample now: making samples at step {step}")
                 self.sample(p, step, acc.unwrap_model(unet), device)
         if pending:
             last_loss = self.flush(pending, acc, step, total, t0, done0)

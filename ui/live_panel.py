@@ -89,6 +89,24 @@ def progress_html(st: dict, latest: dict) -> str:
             f"background:#6366f1;height:14px;border-radius:6px'></div></div><p>{' · '.join(bits)}</p>{msg}</div>")
 
 
+def sample_items(run: RunDir) -> list[tuple[str, str]]:
+    """(file, "step N · prompt") for each sample image of a run, oldest first."""
+    from trainer.config import load
+
+    try:
+        prompts = load(run.config_path).sample.prompts
+    except Exception:  # a config being rewritten or gone: label by step alone
+        prompts = []
+    out = []
+    for p in run.samples():
+        step, _, i = p.stem.removeprefix("step").partition("_")
+        label = f"step {int(step)}" if step.isdigit() else p.stem
+        if i.isdigit() and int(i) < len(prompts):
+            label += f" · {prompts[int(i)]}"
+        out.append((str(p), label))
+    return out
+
+
 # No run in this workspace yet: the progress line says so, the curves, log and gallery are cleared.
 EMPTY = ("<div id='run-progress' data-state='none'><p>No run yet. Start one above.</p></div>", None, None, "", [])
 
@@ -131,7 +149,7 @@ def live_update(run: RunDir | None, latest: dict, last: dict | None):
     if state["log"] != last.get("log"):
         out[3] = run.log_path.read_text(encoding="utf-8")[-4000:] if run.log_path.exists() else ""
     if state["samples"] != last.get("samples"):
-        out[4] = [(str(p), p.stem) for p in run.samples()]
+        out[4] = sample_items(run)
     return (*out, state)
 
 

@@ -13,7 +13,7 @@ from trainer.runs import delete_run, list_runs
 from . import access
 from .config_form import build_form, config_to_values, form_to_config
 from .errors import guarded, message
-from .live_panel import STATE_ICON, history_update, live_update, loss_frame, streamed
+from .live_panel import STATE_ICON, history_update, live_update, loss_frame, sample_items, streamed
 
 
 def started_message(ctx, run) -> str:
@@ -182,7 +182,7 @@ def build(ctx, data):
         info = f"{STATE_ICON.get(st.get('state'), '')} — step {st.get('step', 0)}/{st.get('total_steps', '?')}"
         if st.get("error"):
             info += f" — {st['error']} {st.get('advice', '')}"
-        return (info, run.config_path.read_text(), loss_frame(run.metrics()), [str(p) for p in run.samples()],
+        return (info, run.config_path.read_text(), loss_frame(run.metrics()), sample_items(run),
                 str(lora) if lora and lora.exists() else None)
 
     pick.change(open_run, pick, [history_msg, h_config, h_plot, h_samples, h_file])
