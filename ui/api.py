@@ -1,8 +1,10 @@
-"""Endpoints for scripts (gradio_client): start a run from a YAML config, watch it stream, stop it."""
+"""Endpoints for scripts (gradio_client): start a run from a YAML config, watch it stream, stop it.
+
+Errors reach the script as one line (ui/scope.py wraps every handler).
+"""
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import AsyncIterator
 
 import gradio as gr
@@ -11,24 +13,9 @@ from trainer.config import config_from_dict, parse_yaml
 from trainer.errors import LoraLabError
 
 from . import access
-from .errors import message
-
-
-def api_errors(fn):
-    """Every failure as a one-line gr.Error (a user error's message, else no details), never a traceback."""
-    @functools.wraps(fn)
-    def inner(*args):
-        try:
-            return fn(*args)
-        except gr.Error:
-            raise
-        except Exception as e:
-            raise gr.Error(message(e).removeprefix("⚠️ "))
-    return inner
 
 
 def build(ctx):
-    @api_errors
     def start_run(config_yaml: str) -> str:
         """Start training from a YAML config (the same keys as config.yaml); returns the run name."""
         if not isinstance(config_yaml, str):
@@ -40,10 +27,7 @@ def build(ctx):
 
     async def watch(run_name: str) -> AsyncIterator[dict]:
         """Stream the run's state (state, step, total, loss) twice a second until it ends."""
-        try:
-            run = access.run(ctx, run_name)
-        except LoraLabError as e:
-            raise gr.Error(str(e))
+        run = access.run(ctx, run_name)
         while True:
             st = run.status()
             yield {"state": st.get("state"), "step": st.get("step", 0), "total": st.get("total_steps"),
@@ -52,7 +36,6 @@ def build(ctx):
                 return
             await asyncio.sleep(0.5)  # holds no worker thread: any number of scripts may watch
 
-    @api_errors
     def stop_run() -> str:
         """Ask the running job to stop after its current step (it leaves a resumable checkpoint)."""
         mine = ctx.my_slot()
@@ -61,12 +44,10 @@ def build(ctx):
         ctx.jobs.stop(mine.run)
         return f"Stopping {mine.run.name}."
 
-    @api_errors
     def queue_position(run_name: str) -> int:
         """Place of your run in the queue (1 = next), or 0 when it is not waiting."""
         return ctx.jobs.position(access.run(ctx, run_name)) or 0
 
-    @api_errors
     def cancel_run(run_name: str) -> str:
         """Take your waiting run out of the queue."""
         run = access.run(ctx, run_name)

@@ -49,6 +49,11 @@ def build(ctx, data):
             preview_btn = gr.Button("Preview on the first 5")
             apply_btn = gr.Button("Apply to all captions", variant="stop", elem_id="caption-apply")
 
+    def check_writable(ds):
+        """Refuse a read-only (shared) dataset before any caption is changed or a captioner loaded."""
+        if ds.items:
+            access.write_path(ctx, caption_file(ds.items[0], ctx.workspace / "captions"))
+
     def save(item, text):
         """A caption saved where the caller may write: never into a shared, read-only dataset folder."""
         captions_dir = ctx.workspace / "captions"  # a Hugging Face dataset's captions: this caller's own
@@ -96,8 +101,7 @@ def build(ctx, data):
         kind, model_id = CAPTIONERS[choice]
         progress(0, desc=f"Loading {model_id}…")
         try:
-            if ds.items:  # a read-only dataset is refused before a captioning model is loaded
-                access.write_path(ctx, caption_file(ds.items[0], ctx.workspace / "captions"))
+            check_writable(ds)
             cap = Captioner(kind, str(access.read_path(ctx, path)) if path.strip() else model_id)
         except Exception as e:
             yield error_message(e), gr.skip(), gr.skip(), gr.skip(), gr.skip(), ""
@@ -125,8 +129,7 @@ def build(ctx, data):
     def on_apply(ds, i, p, s, f, r, rm):
         if ds is None:
             return "Load a dataset first.", gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        if ds.items:
-            access.write_path(ctx, caption_file(ds.items[0], ctx.workspace / "captions"))  # before any is changed
+        check_writable(ds)
         edits = [(it, new) for it in ds.items if (new := check_caption(bulk_edit(it.caption, p, s, f, r, rm))) != it.caption]
         for it, new in edits:
             save(it, new)

@@ -82,12 +82,6 @@ class AppContext:
 
         return base_models(self)
 
-    def dataset_source(self, text: str) -> str:
-        """A dataset the caller may read (see access.dataset_source)."""
-        from .access import dataset_source
-
-        return dataset_source(self, text)
-
     def load_model(self, spec: str):
         """The base model for generation, kept loaded while the same one is asked for."""
         from trainer.models.load import load_base

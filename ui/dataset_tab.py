@@ -5,6 +5,7 @@ import gradio as gr
 
 from trainer.errors import LoraLabError
 
+from . import access
 from .errors import guarded, message as error_text
 from .uploads import save_uploads
 
@@ -16,7 +17,7 @@ def load_dataset(ctx, source: str, split: str, image_col: str, caption_col: str)
     from trainer.data.sources import load_dataset_source
     from trainer.data.summary import summarize
 
-    ds = load_dataset_source(ctx.dataset_source(source), split or "train", image_col or "image", caption_col or "text")
+    ds = load_dataset_source(access.dataset_source(ctx, source), split or "train", image_col or "image", caption_col or "text")
     return ds, summarize(ds)
 
 
@@ -100,7 +101,7 @@ def build(ctx):
     def on_columns(src):
         from trainer.data.sources import hf_columns
 
-        splits, cols = hf_columns(ctx.dataset_source(src))
+        splits, cols = hf_columns(access.dataset_source(ctx, src))
         img = next((c for c in cols if "image" in c.lower()), cols[0])
         cap = next((c for c in cols if c in ("text", "caption", "en_text", "prompt")), cols[-1])
         return ("", gr.update(choices=splits, value=splits[0]), gr.update(choices=cols, value=img),

@@ -203,16 +203,13 @@ class Guard:
     async def _login(self, scope, receive, send):
         from starlette.requests import Request
 
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > 65536:
-                return await _respond(send, 413, "A login form is a user name and a password.")
+        body, receive = await _buffered(scope, receive)
+        if len(body) > 65536:
+            return await _respond(send, 413, "A login form is a user name and a password.")
 
         async def once():
             return {"type": "http.request", "body": body, "more_body": False}
+
         try:
             # Read as Gradio reads it (a browser sends multipart, a script may send either kind); a form
             # naming several users is throttled for each of them.
@@ -225,14 +222,6 @@ class Guard:
         if wait > 0:
             return await _respond(send, 429, f"Too many wrong passwords. Try again in {int(wait) + 1} s.",
                                   [(b"retry-after", str(int(wait) + 1).encode())])
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
 
         async def noting(message):
             if message["type"] == "http.response.start":
@@ -240,4 +229,4 @@ class Guard:
                     self.logins.record(user, address, message["status"] < 400)
             await send(message)
 
-        await self.app(scope, replay, noting)
+        await self.app(scope, receive, noting)
