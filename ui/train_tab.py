@@ -36,6 +36,17 @@ def history_rows(ws) -> list[list]:
     return rows
 
 
+def newest_config(ws) -> Config | None:
+    """The settings of the newest run in a workspace, or None (none, or its config no longer reads)."""
+    from trainer.config import load
+
+    newest = next(iter(list_runs(ws)), None)
+    try:
+        return load(newest.config_path) if newest else None
+    except (OSError, ValueError, LoraLabError):
+        return None
+
+
 def build(ctx, data):
     presets = list_presets()
     keys: list[str] = []
@@ -124,12 +135,14 @@ def build(ctx, data):
     save_btn.click(command(ctx.jobs.save_now, "A checkpoint will be saved after this step."), None, message_box)
     sample_btn.click(command(ctx.jobs.sample_now, "Samples will be made after this step."), None, message_box)
 
-    # Once after the page opens: a refreshed or second tab shows the settings of the run it re-attaches to.
+    # Once after the page opens: a refreshed or second tab shows the settings of the run its live panel
+    # shows — the one going, else the newest (which may have finished while the page reloaded).
     first = gr.Timer(0.5)
 
     def show_running_settings():
         mine = ctx.my_slot()
-        values = config_to_values(mine.cfg, keys) if mine else [gr.skip()] * len(keys)
+        cfg = mine.cfg if mine else newest_config(ctx.workspace)
+        values = config_to_values(cfg, keys) if cfg else [gr.skip()] * len(keys)
         return [*values, gr.Timer(active=False)]
 
     first.tick(show_running_settings, None, [*fields, first], show_progress="hidden")
