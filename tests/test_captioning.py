@@ -45,5 +45,18 @@ def test_a_missing_model_says_how_to_get_it(tmp_path, monkeypatch):
     from trainer.errors import LoraLabError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(LoraLabError, match="connect to the internet once"):
+    with pytest.raises(LoraLabError, match="not downloaded on this machine") as e:
         Captioner("blip", "Salesforce/blip-image-captioning-base")
+    assert "Or a downloaded model folder" in e.value.fix
+
+
+def test_an_unreachable_hub_is_found_before_loading_not_after_minutes_of_retries(monkeypatch):
+    """Offline mode not set, but no network: the hub's host is probed once instead of retried per file."""
+    import huggingface_hub.constants
+
+    from trainer.errors import LoraLabError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(LoraLabError, match="cannot be reached"):
+        Captioner("clip-tags", "openai/clip-vit-large-patch14")

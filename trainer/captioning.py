@@ -35,6 +35,11 @@ class Captioner:
         self.kind, self.model_id = kind, model
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.float16 if str(self.device).startswith("cuda") else torch.float32
+        if not Path(model).expanduser().exists():
+            from .hub_cache import require
+
+            require(model, "captioning model", "Connect to the internet once to download it, or download it on a "
+                    f"connected machine (hf download {model}) and give its folder in 'Or a downloaded model folder'.")
         try:
             if kind == "blip":
                 from transformers import BlipForConditionalGeneration, BlipProcessor

@@ -10,6 +10,18 @@ from . import access
 from .errors import guarded, message as error_message
 
 
+def captioners_here() -> str:
+    """Which captioners are downloaded on this machine: said when the page opens, not after a failed load."""
+    from trainer.captioning import CAPTIONERS
+    from trainer.hub_cache import cached
+
+    here = [name for name, (_, repo) in CAPTIONERS.items() if cached(repo)]
+    if here:
+        return "Downloaded here: " + ", ".join(here) + ". Others download on first use (needs the internet)."
+    return ("No captioner is downloaded on this machine yet: the first use downloads one (needs the internet), "
+            "or give the folder of a downloaded model.")
+
+
 def build(ctx, data):
     ds_state = data["state"]
     index = gr.State(0)
@@ -34,6 +46,7 @@ def build(ctx, data):
             model_path = gr.Textbox(label="Or a downloaded model folder", placeholder="optional", scale=2)
             mode = gr.Radio(["fill missing", "overwrite all"], value="fill missing", label="Which images", scale=1)
             trigger = gr.Textbox(label="Trigger word (put first)", scale=1)
+        gr.Markdown(captioners_here, elem_id="caption-available")
         auto_btn = gr.Button("Caption automatically", variant="primary", elem_id="caption-auto")
         auto_log = gr.Textbox(label="New captions", lines=6, max_lines=12, elem_id="caption-auto-log")
     with gr.Accordion("Change all captions", open=True):
