@@ -33,13 +33,33 @@ def estimate_memory_gb(cfg, family: str) -> float:
 
 def family_guess(base: str) -> str:
     b = base.lower()
-    if b.startswith("tiny-demo"):
+    if b.startswith(("tiny-demo", "tiny-random")):
         return "tiny"
     if "xl" in b:
         return "sdxl"
     if "v2" in b or "2-1" in b or "2.1" in b:
         return "sd2"
     return "sd15"
+
+
+def shared_first_tag(captions: list[str], share: float = 0.8) -> str:
+    """The first comma-separated tag that most captions start with (a trigger word written into them), or ''."""
+    firsts = [c.split(",")[0].strip() for c in captions if c.strip()]
+    if not firsts:
+        return ""
+    top = max(set(firsts), key=firsts.count)
+    return top if firsts.count(top) >= share * len(firsts) and len(top.split()) <= 3 else ""
+
+
+def interval_warnings(cfg) -> list[str]:
+    steps, out = cfg.train.steps, []
+    if cfg.save.every_n_steps > steps:
+        out.append(f"Checkpoints every {cfg.save.every_n_steps} steps, but the run has {steps}: only the final "
+                   "LoRA is saved (nothing to resume from or compare). Lower save.every_n_steps.")
+    if cfg.sample.prompts and cfg.sample.every_n_steps > steps:
+        out.append(f"Samples every {cfg.sample.every_n_steps} steps, but the run has {steps}: samples only at "
+                   "the end. Lower sample.every_n_steps.")
+    return out
 
 
 def plan(cfg, dataset_summary: dict | None) -> dict:
@@ -53,19 +73,29 @@ def plan(cfg, dataset_summary: dict | None) -> dict:
         if images < 5:
             warnings.append(f"Only {images} images: 10–30 varied images usually give a better LoRA.")
         prefix = d.caption_prefix.strip()
-        if prefix and dataset_summary.get("captions"):
-            missing = sum(1 for c in dataset_summary["captions"] if prefix not in c)
+        captions = dataset_summary.get("captions") or []
+        if prefix and captions:
+            missing = sum(1 for c in captions if prefix not in c)
             if missing:
                 warnings.append(f"The trigger word '{prefix}' is missing from {missing} captions; "
                                 "it is added in front during training.")
-        elif not prefix:
-            warnings.append("No trigger word (caption prefix): the LoRA will apply without one.")
+        trigger = prefix or shared_first_tag(captions)
+        if not trigger:
+            warnings.append("No trigger word (caption prefix, or a first tag all captions share): the LoRA will "
+                            "apply without one.")
+        elif cfg.sample.prompts:
+            off = [p for p in cfg.sample.prompts if trigger.lower() not in p.lower()]
+            if off:
+                warnings.append(f"{len(off)} of {len(cfg.sample.prompts)} sample prompts lack the trigger word "
+                                f"'{trigger}' (e.g. '{off[0][:60]}'): their samples will not show what the LoRA "
+                                "learned under it.")
         sides = [int(s.split("x")[0]) * int(s.split("x")[1]) for s, _ in dataset_summary["sizes"]]
         if sides and max(sides) < d.resolution ** 2:
             warnings.append(f"Resolution {d.resolution} is above every image's size; images are not upscaled, "
                             "so a lower resolution trains faster for the same result.")
         if dataset_summary["missing_captions"]:
             warnings.append(f"{dataset_summary['missing_captions']} images have no caption.")
+    warnings += interval_warnings(cfg)
     family = family_guess(cfg.model.base)
     return {
         "steps": t.steps,

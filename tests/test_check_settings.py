@@ -1,0 +1,34 @@
+"""Check settings warns about what would spoil a run before it starts: sample prompts without the
+dataset's trigger word, and save or sample intervals longer than the run."""
+from conftest import tiny_config
+from trainer.plan_summary import plan
+
+
+def summary(captions):
+    return {"images": len(captions), "repeats": len(captions), "captions": captions, "sizes": [("64x64", len(captions))],
+            "missing_captions": 0}
+
+
+def test_sample_prompts_with_another_trigger_word_than_the_captions_are_warned_about(demo_dir):
+    caps = [f"lablora, a {s} on a white background" for s in ("circle", "square", "cross", "triangle", "circle")]
+    cfg = tiny_config(demo_dir, **{"sample.prompts": ["sks, a circle", "lablora, a square"]})
+    warnings = " ".join(plan(cfg, summary(caps))["warnings"])
+    assert "1 of 2 sample prompts lack the trigger word 'lablora'" in warnings and "sks, a circle" in warnings
+    assert "No trigger word" not in warnings  # the captions carry one, though no prefix is set
+    cfg = tiny_config(demo_dir, **{"sample.prompts": ["lablora, a circle"]})
+    assert not any("trigger" in w for w in plan(cfg, summary(caps))["warnings"])
+    cfg = tiny_config(demo_dir, **{"dataset.caption_prefix": "zxq", "sample.prompts": ["lablora, a circle"]})
+    assert any("lack the trigger word 'zxq'" in w for w in plan(cfg, summary(caps))["warnings"])
+    loose = ["a dog", "a cat on a mat", "a red car", "two birds", "a house"]
+    assert any(w.startswith("No trigger word") for w in plan(tiny_config(demo_dir), summary(loose))["warnings"])
+
+
+def test_intervals_longer_than_the_run_are_warned_about(demo_dir):
+    cfg = tiny_config(demo_dir, **{"train.steps": 60, "save.every_n_steps": 500, "sample.every_n_steps": 100,
+                                   "sample.prompts": ["lablora, a circle"]})
+    warnings = plan(cfg, None)["warnings"]
+    assert any("Checkpoints every 500 steps, but the run has 60" in w for w in warnings)
+    assert any("Samples every 100 steps, but the run has 60" in w for w in warnings)
+    cfg = tiny_config(demo_dir, **{"train.steps": 60, "save.every_n_steps": 20, "sample.every_n_steps": 30,
+                                   "sample.prompts": ["lablora, a circle"]})
+    assert plan(cfg, None)["warnings"] == []
