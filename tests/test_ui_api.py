@@ -18,11 +18,29 @@ def server(tmp_path_factory):
 
 def config(data, name, steps):
     return yaml.safe_dump({
-        "name": name, "model": {"base": "tiny-demo"},
+        "name": name, "model": {"base": "tiny-random"},
         "dataset": {"source": str(data), "resolution": 64, "bucket_min_side": 32, "bucket_max_side": 128,
                     "bucket_step": 16},
         "network": {"rank": 4}, "train": {"steps": steps, "learning_rate": 1e-3, "device": "cpu"},
         "save": {"every_n_steps": 5}})
+
+
+def test_a_wrong_caption_column_or_an_empty_folder_is_refused_at_start_and_leaves_no_run(server, tmp_path):
+    import datasets
+    from gradio_client import Client
+    from PIL import Image
+
+    rows = {"image": [Image.new("RGB", (32, 32), (i * 40, 0, 0)) for i in range(3)], "en_text": ["a", "b", "c"]}
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
+    (tmp_path / "empty").mkdir()
+    client = Client(server.url, verbose=False)
+    before = sorted((server.workspace / "runs").glob("*")) if (server.workspace / "runs").exists() else []
+    with pytest.raises(Exception, match="no caption column 'text'.*en_text"):
+        client.predict(config(tmp_path / "hf", "wrong-column", 5), api_name="/start_run")
+    with pytest.raises(Exception, match="No usable images in .*the folder is empty"):
+        client.predict(config(tmp_path / "empty", "empty", 5), api_name="/start_run")
+    after = sorted((server.workspace / "runs").glob("*")) if (server.workspace / "runs").exists() else []
+    assert after == before
 
 
 def test_watch_streams_progress_and_stop_leaves_a_resumable_run(server, tmp_path):
@@ -64,7 +82,7 @@ def test_a_second_start_waits_in_the_queue_and_can_be_cancelled(server, tmp_path
     assert client.predict(third, api_name="/queue_position") == 2
     assert client.predict(second, api_name="/cancel_run") == "Cancelled second."
     assert client.predict(third, api_name="/queue_position") == 1
-    assert json.loads((server.workspace / "runs" / second / "status.json").read_text())["state"] == "stopped"
+    assert not (server.workspace / "runs" / second).exists()  # it never started: no 'stopped 0/5' left behind
     client.predict(api_name="/stop_run")
     for update in client.submit(first, api_name="/watch"):
         pass

@@ -163,8 +163,10 @@ class JobManager:
 
     # --- commands --------------------------------------------------------------------------
     def start(self, cfg: Config, workspace: Path | None = None) -> RunDir:
+        from .data.sources import check_dataset
         from .runs import new_run
 
+        check_dataset(cfg)  # a wrong column or an empty folder is said now, not left behind as a failed run
         with self.lock:
             run = new_run(workspace or self.workspace, cfg.name)
             try:
@@ -196,17 +198,24 @@ class JobManager:
         if who := run_lock.owner(run.path):  # another app on this workspace, or a command line run
             raise run_lock.busy_error(run.name, who)
         with self.lock:
-            run.set_status("queued", pid=os.getpid())
+            run.set_status("queued", pid=os.getpid(), speed=None, eta=None)  # the last session's speed is stale
             self._enqueue(Slot(run, load(run.config_path)))
         return run
 
     def cancel(self, run: RunDir) -> bool:
-        """Take a waiting run out of the queue; it can be resumed later."""
+        """Take a waiting run out of the queue. One that never trained a step is removed (so cancelled
+        starts do not pile up as 'stopped 0/N'); a resumed one is left stopped, to resume later."""
+        from .checkpoint import latest_checkpoint
+        from .runs import delete_run
+
         with self.lock:
             for s in self.queue:
                 if _same(s.run, run):
                     self.queue.remove(s)
-                    run.set_status("stopped", error=None)
+                    if not run.status().get("step") and latest_checkpoint(run.checkpoints_dir) is None:
+                        delete_run(run)
+                    else:
+                        run.set_status("stopped", error=None)
                     return True
         return False
 

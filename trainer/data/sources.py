@@ -297,3 +297,22 @@ def load_hf_raw(path: Path):
     if (path / "metadata.jsonl").exists():
         return datasets.load_dataset("imagefolder", data_dir=str(path))
     return datasets.load_dataset("parquet", data_files=[str(p) for p in sorted(path.glob("**/*.parquet"))])
+
+
+def check_dataset(cfg) -> None:
+    """What can be known of a run's dataset without the model, before its run folder is made: that it is
+    there, has its image and caption columns, has images, and holds a batch. A hub id is left to the run
+    (it may have to download)."""
+    d = cfg.dataset
+    path = Path(d.source).expanduser() if d.source else None
+    if path is None or not path.exists():
+        if d.source and d.source.count("/") == 1 and not d.source.startswith((".", "/", "~")):
+            return
+    ds = load_dataset_source(d.source, d.split, d.image_column, d.caption_column, d.caption_extension)
+    if not ds.items:
+        raise LoraLabError(f"The dataset {d.source} has no images that can be used.",
+                           "Load it in the Dataset tab to see why, or add images.")
+    if cfg.train.batch_size > ds.total_repeats:
+        raise LoraLabError(f"train.batch_size {cfg.train.batch_size} is larger than the dataset "
+                           f"({ds.total_repeats} images × repeats).",
+                           f"Use a batch size of at most {ds.total_repeats}, or add images.")
