@@ -45,3 +45,16 @@ def test_user_errors_are_one_line_without_a_traceback(tmp_path):
     assert r.returncode == 2 and "Dataset" in r.stderr and "was not found" in r.stderr and "Traceback" not in r.stderr
     r = cli("resume", tmp_path)
     assert r.returncode == 2 and "not a run folder" in r.stderr
+
+
+def test_train_and_presets_find_the_workspaces_own_presets(tmp_path):
+    from trainer.config import resolve, save_preset
+
+    save_preset(resolve("cpu-demo", sets=["train.steps=2"]), tmp_path / "ws" / "presets", "quick")
+    listed = cli("presets", "--workspace", tmp_path / "ws")
+    assert listed.returncode == 0 and "quick" in listed.stdout and "cpu-demo" in listed.stdout
+    data = tmp_path / "data"
+    cli("demo-dataset", data, "--count", "2")
+    r = cli("train", "--preset", "quick", "--workspace", tmp_path / "ws", "--set", f"dataset.source={data}")
+    assert r.returncode == 0, r.stderr
+    assert '"step": 2' in (tmp_path / "ws" / "runs" / "lora" / "metrics.jsonl").read_text().splitlines()[-1]

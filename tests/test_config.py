@@ -79,3 +79,23 @@ def test_a_preset_for_a_card_is_estimated_to_fit_it_with_sampling_on(preset, car
     assert estimate_memory_gb(cfg, family) < card_gb * 0.9  # room for other programs on the card
     cfg.train.gradient_checkpointing, cfg.train.batch_size = False, 16
     assert estimate_memory_gb(cfg, family) > card_gb  # the estimate does react to what costs memory
+
+
+def test_a_preset_of_ones_own_keeps_the_settings_not_the_data_and_cannot_shadow_a_shipped_one(tmp_path):
+    from trainer.config import save_preset
+
+    own = tmp_path / "ws" / "presets"
+    cfg = resolve("cpu-demo", sets=["train.steps=77", "network.rank=8", "dataset.source=/data/dogs", "name=dogs"])
+    path = save_preset(cfg, own, "my dogs", "rank 8 for dogs")
+    saved = yaml.safe_load(path.read_text())
+    assert saved["description"] == "rank 8 for dogs" and "name" not in saved and "source" not in saved["dataset"]
+    assert list(list_presets(own))[-1] == "my dogs" and list_presets(own)["my dogs"] == "rank 8 for dogs"
+    again = resolve("my dogs", own_presets=own)
+    assert again.train.steps == 77 and again.network.rank == 8 and again.dataset.source == ""
+    assert "my dogs" not in list_presets()  # another workspace does not see it
+    with pytest.raises(LoraLabError, match="comes with LoRA Lab"):
+        save_preset(cfg, own, "cpu-demo")
+    for bad in ("../escape", "a/b", "", ".hidden"):
+        with pytest.raises(LoraLabError, match="cannot be a preset name"):
+            save_preset(cfg, own, bad)
+    assert sorted(p.name for p in own.iterdir()) == ["my dogs.yaml"]

@@ -1,4 +1,4 @@
-"""Command line: `python -m trainer train|resume|sample|tiny-model|demo-dataset|presets`.
+"""Command line: `python -m trainer train|resume|sample|tiny-model|build-demo-model|demo-dataset|presets`.
 
 Errors a user caused end with a one-line message and exit code 2, never a traceback.
 """
@@ -38,7 +38,7 @@ def cmd_train(a) -> int:
     from .config import resolve
     from .loop import run_job
 
-    cfg = resolve(a.preset, Path(a.config) if a.config else None, a.set)
+    cfg = resolve(a.preset, Path(a.config) if a.config else None, a.set, own_presets=Path(a.workspace) / "presets")
     run = run_job(cfg, Path(a.workspace), _progress())
     return _report(run)
 
@@ -106,8 +106,18 @@ def _device():
 def cmd_tiny(a) -> int:
     from .models.tiny import save_tiny
 
-    kind = "tiny-demo-xl" if a.family == "sdxl" else "tiny-demo"
+    kind = "tiny-random-xl" if a.family == "sdxl" else "tiny-random"
     print(save_tiny(Path(a.out_dir), kind))
+    return 0
+
+
+def cmd_build_demo(a) -> int:
+    import torch
+
+    from .demo.build import Recipe, build
+
+    torch.set_num_threads(a.threads)
+    build(Path(a.out_dir), Recipe(seed=a.seed), device=a.device)
     return 0
 
 
@@ -121,7 +131,7 @@ def cmd_demo(a) -> int:
 def cmd_presets(a) -> int:
     from .config import list_presets
 
-    for name, desc in list_presets().items():
+    for name, desc in list_presets(Path(a.workspace) / "presets").items():
         print(f"{name:20s} {desc}")
     return 0
 
@@ -131,7 +141,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a LoRA from a config")
     t.add_argument("--config", help="YAML config file")
-    t.add_argument("--preset", help="a preset name from presets/ (applied first)")
+    t.add_argument("--preset", help="a preset name from presets/ or WORKSPACE/presets/ (applied first)")
     t.add_argument("--workspace", default=os.environ.get("LORA_LAB_WORKSPACE", "workspace"))
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     t.set_defaults(fn=cmd_train)
@@ -154,15 +164,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-pickle", action="store_true")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_sample)
-    m = sub.add_parser("tiny-model", help="write a tiny random model folder")
+    m = sub.add_parser("tiny-model", help="write a tiny model folder with random weights (tiny-random)")
     m.add_argument("out_dir")
     m.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
     m.set_defaults(fn=cmd_tiny)
+    b = sub.add_parser("build-demo-model", help="train the tiny demo model from scratch (about 30 min on 2 CPU cores)")
+    b.add_argument("out_dir")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int, default=2, help="CPU threads (the committed model was built with 2)")
+    b.add_argument("--device", default="cpu")
+    b.set_defaults(fn=cmd_build_demo)
     d = sub.add_parser("demo-dataset", help="write a small captioned image folder")
     d.add_argument("out_dir")
     d.add_argument("--count", type=int, default=8)
     d.set_defaults(fn=cmd_demo)
-    pr = sub.add_parser("presets", help="list presets")
+    pr = sub.add_parser("presets", help="list presets (the shipped ones, then your own)")
+    pr.add_argument("--workspace", default=os.environ.get("LORA_LAB_WORKSPACE", "workspace"))
     pr.set_defaults(fn=cmd_presets)
     return p
 

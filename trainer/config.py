@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ def opt(default, hint: str, choices=None, lo=None, hi=None):
 @dataclass
 class ModelConfig:
     base: str = opt("tiny-demo", "Base model: a diffusers folder, a .safetensors checkpoint, a hub id, "
-                    "or tiny-demo / tiny-demo-xl.")
+                    "or a built-in tiny model: tiny-demo (trained, draws shapes), tiny-random / tiny-random-xl "
+                    "(random weights, fast tests), tiny-demo-xl.")
     family: str = opt("auto", "Model family; auto detects it from the weights.",
                       choices=["auto", "sd15", "sd2", "sdxl"])
     prediction_type: str = opt("auto", "What the model predicts; auto reads it from the model "
@@ -161,6 +163,10 @@ _SECTION_CLASSES = {"model": ModelConfig, "dataset": DatasetConfig, "network": N
                     "train": TrainConfig, "save": SaveConfig, "sample": SampleConfig}
 
 
+def _got(value) -> str:
+    return "nothing (the box is empty)" if value is None or value == "" else shown(value)
+
+
 def field_specs(section: str) -> list[dataclasses.Field]:
     """The fields of one section, for forms and documentation."""
     return list(dataclasses.fields(_SECTION_CLASSES[section]))
@@ -179,7 +185,7 @@ def _coerce(key: str, f: dataclasses.Field, value: Any):
             raise LoraLabError(f"{key}: expected true or false, got {shown(value)}.")
     elif kind is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise LoraLabError(f"{key}: expected a whole number, got {shown(value)}.")
+            raise LoraLabError(f"{key}: expected a whole number, got {_got(value)}.")
         out = int(value)
     elif kind is float:
         if isinstance(value, str):
@@ -188,7 +194,7 @@ def _coerce(key: str, f: dataclasses.Field, value: Any):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise LoraLabError(f"{key}: expected a number, got {shown(value)}.")
+            raise LoraLabError(f"{key}: expected a number, got {_got(value)}.")
         out = float(value)
         if out != out or out in (float("inf"), float("-inf")):
             raise LoraLabError(f"{key}: expected a finite number, got {shown(value)}.")
@@ -313,27 +319,68 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def list_presets() -> dict[str, str]:
-    """Preset name → its description."""
+def _preset_files(own_dir: Path | None = None) -> dict[str, Path]:
+    """Preset name → file: the shipped ones, then a user's own (`<workspace>/presets`), which never
+    shadow a shipped name."""
+    files = {p.stem: p for p in sorted(PRESETS_DIR.glob("*.yaml"))}
+    if own_dir and Path(own_dir).is_dir():
+        for p in sorted(Path(own_dir).glob("*.yaml")):
+            files.setdefault(p.stem, p)
+    return files
+
+
+def list_presets(own_dir: Path | None = None) -> dict[str, str]:
+    """Preset name → its description (shipped presets first, then the user's own)."""
     out = {}
-    for p in sorted(PRESETS_DIR.glob("*.yaml")):
-        out[p.stem] = str(read_yaml(p).get("description", ""))
+    for name, p in _preset_files(own_dir).items():
+        try:
+            out[name] = str(read_yaml(p).get("description", ""))
+        except (LoraLabError, OSError):
+            continue  # a damaged file of one's own is not listed; the shipped ones always read
     return out
 
 
-def preset_dict(name: str) -> dict:
-    path = PRESETS_DIR / f"{name}.yaml"
-    if not isinstance(name, str) or name not in {p.stem for p in PRESETS_DIR.glob("*.yaml")}:
-        raise LoraLabError(f"Unknown preset '{shown(name)}'.", f"Available: {', '.join(list_presets()) or 'none'}.")
-    return read_yaml(path)
+def preset_dict(name: str, own_dir: Path | None = None) -> dict:
+    files = _preset_files(own_dir)
+    if not isinstance(name, str) or name not in files:
+        raise LoraLabError(f"Unknown preset '{shown(name)}'.", f"Available: {', '.join(files) or 'none'}.")
+    return read_yaml(files[name])
+
+
+# What a preset of one's own leaves out: which run and which data it was, not how to train.
+PRESET_SKIPS = {"name": None, "dataset": ("source", "split", "image_column", "caption_column")}
+
+
+def save_preset(cfg: Config, own_dir: Path, name: str, description: str = "") -> Path:
+    """Write `cfg`'s settings as a preset of one's own, `<own_dir>/<name>.yaml`."""
+    name = (name or "").strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}", name) or name.endswith("."):
+        raise LoraLabError(f"'{shown(name)}' cannot be a preset name.",
+                           "Use up to 64 letters, digits, spaces, '-', '_' or '.'.")
+    if (PRESETS_DIR / f"{name}.yaml").exists():
+        raise LoraLabError(f"'{name}' is a preset that comes with LoRA Lab.", "Pick another name for yours.")
+    data = cfg.to_dict()
+    for key, sub in PRESET_SKIPS.items():
+        if sub is None:
+            data.pop(key, None)
+        else:
+            for k in sub:
+                data.get(key, {}).pop(k, None)
+    data = {"description": description.strip() or f"My settings: {cfg.model.base}, {cfg.network.algorithm} "
+                                                  f"rank {cfg.network.rank}, {cfg.train.steps} steps.", **data}
+    own_dir = Path(own_dir)
+    own_dir.mkdir(parents=True, exist_ok=True)
+    path = own_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
 
 
 def resolve(preset: str | None = None, file: Path | None = None, sets: list[str] | None = None,
-            extra: dict | None = None) -> Config:
+            extra: dict | None = None, own_presets: Path | None = None) -> Config:
     """Preset, then config file, then explicit values, then `--set` items, each over the last."""
     data: dict = {}
     if preset:
-        data = merge(data, preset_dict(preset))
+        data = merge(data, preset_dict(preset, own_presets))
     if file:
         data = merge(data, read_yaml(file))
     if extra:

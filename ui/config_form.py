@@ -17,6 +17,10 @@ LABELS = {"name": "Run name", "model.base": "Base model", "dataset.caption_prefi
           "sample.every_n_steps": "Sample every N steps"}
 
 
+def _num(v) -> str:
+    return f"{int(v):,}" if float(v).is_integer() else f"{v:g}"
+
+
 def _component(key: str, f: dataclasses.Field, value, base_models: list[str]):
     meta = f.metadata
     label = LABELS.get(key, key.split(".")[-1].replace("_", " ").capitalize())
@@ -30,8 +34,14 @@ def _component(key: str, f: dataclasses.Field, value, base_models: list[str]):
     if isinstance(value, list):
         return gr.Textbox(value="\n".join(value), lines=3, **common)
     if isinstance(value, (int, float)):
-        return gr.Number(value=value, precision=0 if isinstance(value, int) else None,
-                         minimum=meta.get("min"), maximum=meta.get("max"), **common)
+        # No minimum/maximum on the component: Gradio would refuse a value out of range in a pop-up that
+        # names no field and turn the outputs red. The config check names the field and its range, in
+        # the message under the buttons; the range is shown under the box.
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and hi is not None:
+            span = f"{_num(lo)} to {_num(hi)}"
+            common["info"] = f"{common['info']} ({span})" if common["info"] else span
+        return gr.Number(value=value, precision=0 if isinstance(value, int) else None, **common)
     return gr.Textbox(value=value, **common)
 
 

@@ -1,0 +1,72 @@
+"""The Train tab's form in a real browser: a wrong number is named in place, Check settings warns before
+a run is spoilt, a preset of one's own is saved, and a past run's settings come back with one click."""
+import pytest
+
+from app_server import AppServer
+from conftest import tiny_config
+from test_ui_browser import CHROMIUM, SHOTS, browser, pick, set_number, wait_for  # noqa: F401 (browser: fixture)
+from trainer.data.demo import make_demo_dataset
+from trainer.loop import run_job
+
+pytestmark = pytest.mark.skipif(not __import__("pathlib").Path(CHROMIUM).exists(), reason="needs Debian's chromium")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = AppServer(tmp_path_factory.mktemp("form") / "workspace")
+    yield s
+    s.stop()
+
+
+def test_form_problems_show_in_place_and_settings_can_be_kept_and_reused(server, browser, tmp_path):
+    data = make_demo_dataset(tmp_path / "pink", count=4)
+    run_job(tiny_config(data, name="last week", **{"train.steps": 3, "network.rank": 8}), server.workspace)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(server.url)
+    page.fill("#dataset-source textarea, #dataset-source input", str(data))
+    page.click("#dataset-load")
+    wait_for(lambda: "4 images" in page.inner_text("#dataset-counts"), 60, what="dataset counts")
+    page.get_by_role("tab", name="3 · Train").click()
+    pick(page, "train-preset", "cpu-demo")
+    wait_for(lambda: "cpu-demo" in page.inner_text("#train-preset-info"), 20, what="preset")
+
+    # A number out of range: the message names the field and its range; the run table stays as it was.
+    set_number(page, "cfg-train-steps", 0)
+    page.click("#train-start")
+    wait_for(lambda: "train.steps: 0 is out of range" in page.inner_text("#train-message"), 30,
+             what=lambda: f"the field named, not {page.inner_text('#train-message')!r}")
+    assert "1 to 10000000" in page.inner_text("#train-message")
+    assert "Error" not in page.inner_text("#run-history") and "last week" in page.inner_text("#run-history")
+    assert not (server.workspace / "runs" / "lora").exists()
+
+    # Check settings: sample prompts without the dataset's trigger word, intervals longer than the run.
+    set_number(page, "cfg-train-steps", 60)
+    set_number(page, "cfg-save-every-n-steps", 500)
+    set_number(page, "cfg-sample-every-n-steps", 100)
+    page.fill("#cfg-sample-prompts textarea", "sks, a circle on a white background")
+    page.get_by_role("button", name="Check settings").click()
+    wait_for(lambda: "lack the trigger word 'lablora'" in page.inner_text("#train-summary"), 30,
+             what="trigger word warning")
+    summary = page.inner_text("#train-summary")
+    assert "Checkpoints every 500 steps, but the run has 60" in summary
+    assert "Samples every 100 steps, but the run has 60" in summary
+    page.screenshot(path=str(SHOTS / "train-check-settings.png"), full_page=True)
+
+    # A preset of one's own: saved into the workspace, then offered under Preset.
+    page.get_by_text("Save these settings as a preset of your own").click()
+    page.fill("#preset-name textarea, #preset-name input", "my quick")
+    page.click("#preset-save")
+    wait_for(lambda: "Saved preset my quick" in page.inner_text("#train-preset-info"), 30, what="preset saved")
+    assert (server.workspace / "presets" / "my quick.yaml").exists()
+    page.click("#train-preset input")
+    assert page.get_by_role("option", name="my quick").count() == 1
+    page.keyboard.press("Escape")
+
+    # Use these settings: a past run's settings come back into the form.
+    page.click("#history-pick input")
+    page.get_by_role("option", name="last week").click()
+    page.click("#history-reuse")
+    wait_for(lambda: page.locator("#cfg-train-steps input[type=number]").input_value() == "3", 30,
+             what="the past run's steps in the form")
+    assert page.locator("#cfg-network-rank input[type=number]").input_value() == "8"
+    assert "settings of last week" in page.inner_text("#history-message")
