@@ -48,11 +48,18 @@ def newest_config(ws) -> Config | None:
 
 
 def build(ctx, data):
-    presets = list_presets()
+    own = lambda: ctx.workspace / "presets"  # noqa: E731 - the caller's own presets (ctx is per caller)
     keys: list[str] = []
     with gr.Row():
-        preset = gr.Dropdown(["(none)", *presets], value="(none)", label="Preset", scale=1, elem_id="train-preset")
-        preset_info = gr.Markdown("Pick a preset to fill in settings for your card or exercise.")
+        preset = gr.Dropdown(["(none)", *list_presets()], value="(none)", label="Preset", scale=1,
+                             elem_id="train-preset")
+        preset_info = gr.Markdown("Pick a preset to fill in settings for your card or exercise.",
+                                  elem_id="train-preset-info")
+    with gr.Accordion("Save these settings as a preset of your own", open=False):
+        with gr.Row():
+            preset_name = gr.Textbox(label="Preset name", scale=1, elem_id="preset-name")
+            preset_desc = gr.Textbox(label="Description (optional)", scale=2)
+            preset_save = gr.Button("Save preset", scale=0, elem_id="preset-save")
     comps = build_form(ctx.base_models())
     keys = list(comps)
     fields = [comps[k] for k in keys]
@@ -82,13 +89,25 @@ def build(ctx, data):
     def on_preset(name):
         if name == "(none)":
             return ["Settings as they are."] + [gr.skip()] * len(keys)
-        cfg = resolve(name)
-        return [f"**{name}**: {presets[name]}"] + config_to_values(cfg, keys)
+        cfg = resolve(name, own_presets=own())
+        return [f"**{name}**: {list_presets(own()).get(name, '')}"] + config_to_values(cfg, keys)
 
     preset.change(on_preset, preset, [preset_info, *fields])
 
     def current(values, ds_vals) -> Config:
         return form_to_config(keys, values, ds_vals)
+
+    @guarded(2)
+    def on_save_preset(name, desc, *args):
+        from trainer.config import save_preset
+
+        cfg = current(list(args[:len(keys)]), dataset_values(*args[len(keys):]))
+        save_preset(cfg, own(), name, desc)  # the name is checked there: letters, digits, ' ', '-', '_', '.'
+        # The dropdown's value stays: picking the new preset would fill the form with what it already holds.
+        return (f"Saved preset **{name.strip()}**: pick it under Preset in a later session (the CLI: "
+                f"`--preset \"{name.strip()}\"`)."), gr.update(choices=["(none)", *list_presets(own())])
+
+    preset_save.click(on_save_preset, [preset_name, preset_desc, *fields, *ds_inputs], [preset_info, preset])
 
     @guarded(1)
     def on_check(*args):
@@ -143,15 +162,16 @@ def build(ctx, data):
         mine = ctx.my_slot()
         cfg = mine.cfg if mine else newest_config(ctx.workspace)
         values = config_to_values(cfg, keys) if cfg else [gr.skip()] * len(keys)
-        return [*values, gr.Timer(active=False)]
+        return [*values, gr.update(choices=["(none)", *list_presets(own())]), gr.Timer(active=False)]
 
-    first.tick(show_running_settings, None, [*fields, first], show_progress="hidden")
+    first.tick(show_running_settings, None, [*fields, preset, first], show_progress="hidden")
 
     with gr.Accordion("Run history", open=True):
         with gr.Row():
             pick = gr.Dropdown([], label="Open a run", allow_custom_value=True, elem_id="history-pick")
             refresh_btn = gr.Button("Refresh", size="sm")
             resume_btn = gr.Button("Resume", elem_id="history-resume")
+            reuse_btn = gr.Button("Use these settings", elem_id="history-reuse")
             cancel_btn = gr.Button("Cancel (queued)", elem_id="history-cancel")
             delete_btn = gr.Button("Delete", variant="stop")
         history_msg = gr.Markdown(elem_id="history-message")
@@ -213,10 +233,23 @@ def build(ctx, data):
 
     resume_btn.click(on_resume, pick, message_box)
 
+    @guarded(1 + len(keys))
+    def on_reuse(name):
+        from trainer.config import load
+
+        run = access.run(ctx, name)
+        values = config_to_values(load(run.config_path), keys)
+        return [f"The form now holds the settings of **{run.name}**: change what you like, then *Start training* "
+                "(a new run; the old one stays as it is)."] + values
+
+    reuse_btn.click(on_reuse, pick, [history_msg, *fields])
+
     @guarded(1)
     def on_cancel(name):
         run = access.run(ctx, name)
         if ctx.jobs.cancel(run):
+            if not run.path.exists():
+                return f"Cancelled {run.name}; it had not started, so it is removed."
             return f"Cancelled {run.name}; it can be resumed later."
         return "That run is not waiting in the queue."
 
