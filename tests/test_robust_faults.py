@@ -5,6 +5,7 @@ At most one save interval of work is lost, and never a finished file.
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,7 +143,10 @@ def test_resume_right_after_the_page_shows_stopped_is_taken(demo_dir, tmp_path):
     jobs.stop(run)
     while run.status().get("state") != "stopped" and time.time() < deadline:
         time.sleep(0.01)
+    assert run.status().get("speed")  # what the stopped session last measured
     jobs.resume(run.path)  # raised "already running or waiting" before
+    st = run.status()  # until the resumed job measures its own, no speed or ETA (the old ones were shown)
+    assert st["state"] in ("queued", "running") and st.get("speed") is None and st.get("eta") is None
     while (run.status().get("step") or 0) < 4 and time.time() < deadline:
         time.sleep(0.2)
     assert run.status()["state"] == "running"
@@ -173,3 +177,22 @@ def test_a_stop_given_while_the_job_is_still_starting_is_not_lost(demo_dir, tmp_
     jobs.wait(120)
     st = run.status()
     assert st["state"] == "stopped" and st["step"] < 400
+
+
+def test_sampling_shows_which_image_it_makes_and_a_stop_ends_it_between_denoising_steps(demo_dir, tmp_path):
+    """Sampling during training can take long (a CPU, 512 px): the live panel says so, and Stop does not
+    wait for the remaining images."""
+    jobs = JobManager(tmp_path)
+    run = jobs.start(tiny_config(demo_dir, name="sampling", **{
+        "train.steps": 400, "sample.every_n_steps": 3, "sample.steps": 200,
+        "sample.prompts": ["lablora, a circle", "a square", "a cross", "a triangle"]}))
+    deadline = time.time() + 180
+    while "making samples" not in (run.status().get("phase") or "") and time.time() < deadline:
+        time.sleep(0.05)
+    assert re.match(r"making samples: image [1-4] of 4 \(200 steps each\)", run.status()["phase"])
+    jobs.stop(run)
+    jobs.wait(120)
+    st = run.status()
+    assert st["state"] == "stopped" and st["step"] < 400
+    assert len(list(run.samples_dir.glob(f"step{st['step']:06d}_*.png"))) < 4  # it did not finish the set
+    assert "left unfinished: stopping" in run.log_path.read_text()

@@ -28,7 +28,7 @@ from .optim import compute_loss, min_snr_weights
 from .precision import ACCELERATE, DTYPE, mixed_precision
 from .prepare import Prepared, pick_device, prepare
 from .runs import DISK_FULL, DISK_FULL_ADVICE, RunDir, disk_full, new_run, removed_on_failure
-from .sampling import generate
+from .sampling import SamplingStopped, generate
 
 
 class NonFiniteLoss(Exception):
@@ -175,9 +175,20 @@ class Job:
             return
         unet.eval()
         res = self.cfg.dataset.resolution
-        images = generate(p.model, s.prompts, s.seed, s.steps, s.guidance_scale, s.width or res,
-                          s.height or res, s.negative_prompt, s.scheduler, unet=unet, device=device)
-        unet.train()
+
+        def progress(i, n):  # what the live panel shows meanwhile: sampling holds up the steps and the ETA
+            self.run.set_status("running", phase=f"making samples: image {i + 1} of {n} ({s.steps} steps each)")
+
+        try:
+            images = generate(p.model, s.prompts, s.seed, s.steps, s.guidance_scale, s.width or res,
+                              s.height or res, s.negative_prompt, s.scheduler, unet=unet, device=device,
+                              progress=progress, should_stop=self.control.stop.is_set)
+        except SamplingStopped:
+            self.log(f"samples at step {step} left unfinished: stopping")
+            return
+        finally:
+            unet.train()
+            self.run.set_status("running", phase=None)
         for i, img in enumerate(images):
             path = self.run.samples_dir / f"step{step:06d}_{i:02d}.png"
             tmp = path.with_name("." + path.name)
@@ -207,7 +218,8 @@ class Job:
         weight_dtype = DTYPE[precision]  # frozen weights in the training precision, as kohya does
         self.emit("status", state="loading", message="Loading the model and dataset…")
         if self.main:  # this process's pid: a restarted app tells a live run from an interrupted one
-            self.run.set_status("running", pid=os.getpid(), phase="Loading the model and dataset…")
+            self.run.set_status("running", pid=os.getpid(), phase="Loading the model and dataset…", speed=None,
+                                eta=None)  # a resumed run's speed and ETA were the last session's
         p = prepare(cfg, self.run.path.parent.parent, device, weight_dtype, self.log, acc.num_processes)
         noise_sched = p.model.noise_scheduler()
         unet = p.model.unet

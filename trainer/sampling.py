@@ -87,10 +87,19 @@ def decode(pipe, latents) -> list:
     return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
+class SamplingStopped(Exception):
+    """`should_stop` said so between two denoising steps."""
+
+
 def generate(model, prompts: list[str], seed: int = 0, steps: int = 20, guidance_scale: float = 7.0,
              width: int = 0, height: int = 0, negative_prompt: str = "", scheduler: str = "euler_a",
-             loras: list[tuple[Path, float]] | None = None, unet=None, device=None) -> list:
+             loras: list[tuple[Path, float]] | None = None, unet=None, device=None, progress=None,
+             should_stop=None) -> list:
     """One PIL image per prompt, each from `seed`, with `loras` merged at their strengths.
+
+    `progress(i, n)` is called before image i of n; `should_stop()` is asked after every denoising
+    step, and True ends the call with SamplingStopped (a stop during sampling takes a step, not the
+    rest of the images).
 
     `device`: where to compute (default: where the UNet is); the model's parts are moved there for
     the call and back after. A UNet in bf16/fp16 runs under autocast, so the text encoders may be
@@ -116,14 +125,22 @@ def generate(model, prompts: list[str], seed: int = 0, steps: int = 20, guidance
     try:
         with on_device([model.vae, *model.text_encoders, *([model.unet] if unet is None else [])], device), \
                 torch.no_grad():
-            for p in prompts:
+            def check(pipe_, i, t, kwargs):
+                if should_stop and should_stop():
+                    raise SamplingStopped()
+                return kwargs
+
+            for n, p in enumerate(prompts):
+                if progress:
+                    progress(n, len(prompts))
                 g = torch.Generator("cpu").manual_seed(int(seed))
                 latents = torch.randn((1, pipe.unet.config.in_channels, height // model.vae_scale,
                                        width // model.vae_scale), generator=g)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     out = pipe(prompt=p, negative_prompt=negative_prompt or None, num_inference_steps=steps,
                                guidance_scale=guidance_scale, width=width, height=height,
-                               latents=latents.to(device, dtype), generator=g, output_type="latent")
+                               latents=latents.to(device, dtype), generator=g, output_type="latent",
+                               callback_on_step_end=check if should_stop else None)
                 images.extend(decode(pipe, out.images))
     finally:
         if applied:

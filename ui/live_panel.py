@@ -77,8 +77,8 @@ def progress_html(st: dict, latest: dict) -> str:
         bits.append(f"GPU memory {latest['memory'] / 1024**3:.1f} GB{peak}")
     if state == "queued" and latest.get("position"):
         bits.append(f"number {latest['position']} of {latest['waiting']} waiting for a device")
-    if state == "running" and latest.get("phase") and not latest.get("speed"):
-        bits.append(latest["phase"])
+    if state == "running" and latest.get("phase"):  # loading, or making samples (which holds the ETA up)
+        bits.append(f"<b>{latest['phase']}</b>")
     if st.get("last_loss") is not None:
         bits.append(f"loss {st['last_loss']:.4f}")
     msg = ""
