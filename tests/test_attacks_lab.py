@@ -17,7 +17,7 @@ USERS = "alice:apple\nbob:banana\ncarol:cherry\ndave:date\nerin:elder\nalice.:do
 def cfg(data, name, steps=3, **sections):
     import yaml
 
-    data = {"name": name, "model": {"base": "tiny-demo"},
+    data = {"name": name, "model": {"base": "tiny-random"},
             "dataset": {"source": str(data), "resolution": 64, "bucketing": False, "caption_prefix": SECRET},
             "train": {"steps": steps, "device": "cpu"}, "save": {"every_n_steps": 0}}
     for key, value in sections.items():
@@ -64,7 +64,8 @@ def test_1_the_export_zip_takes_only_the_callers_own_loras(lab):
     alice, lora = lab["alice"], lab["lora"]
     for value in ["/etc/passwd", str(ROOT / "app.py"), "/proc/self/environ", str(lora), "/dev/zero", "/dev/urandom",
                   "../../bob/runs/bob-run/bob-run.safetensors", "runs/../../bob/runs/bob-run/bob-run.safetensors"]:
-        message, file = alice.predict("a prompt", value, 1.0, 1, 20, 7.0, api_name="/on_export")
+        message, file = alice.predict("a prompt", value, 1.0, 1, 20, 7.0, "tiny-random", "", 0, 0, "euler_a",
+                                      api_name="/on_export")
         assert "not one of your LoRAs" in message and not isinstance(file, str), (value, message)
     exports = lab["server"].workspace / "users" / "alice" / "exports"
     assert not list(exports.iterdir())  # no zip, no half-written temporary file
@@ -127,7 +128,7 @@ def test_5_config_paths_are_confined_to_what_the_caller_may_read(lab):
     message, *_ = alice.predict(str(lora), "a prompt", "", 1, 2, 7.0, 64, 64, "euler_a", None, None, None, 1, 1, 1,
                                 api_name="/on_generate")
     assert "outside the folders" in message
-    message, *_ = alice.predict("tiny-demo", "a prompt", "", 1, 2, 7.0, 64, 64, "euler_a", str(lora), None, None,
+    message, *_ = alice.predict("tiny-random", "a prompt", "", 1, 2, 7.0, 64, 64, "euler_a", str(lora), None, None,
                                 1, 1, 1, api_name="/on_generate")
     assert "not one of your LoRAs" in message
     assert not list((lab["server"].workspace / "users" / "alice" / "runs").glob("steal*"))

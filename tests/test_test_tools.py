@@ -25,7 +25,7 @@ def finished_run(demo_dir, tmp_path_factory):
 def test_every_checkpoint_becomes_a_lora_and_the_last_matches_the_final_file(finished_run):
     files = checkpoint_loras(finished_run.path)
     assert [s for s, _ in files] == [2, 4]
-    base = load_base("tiny-demo")
+    base = load_base("tiny-random")
     applied = AppliedLoras(base, [(files[-1][1], 1.0)])
     from_checkpoint = unet_output(base.unet, base)
     applied.remove()
@@ -55,3 +55,26 @@ def test_hub_push_offline_is_a_clear_message_and_the_token_goes_nowhere(finished
             assert b"hf_secret_token_123" not in f.read_bytes()
     with pytest.raises(LoraLabError, match="you/name"):
         push_lora(finished_run.lora_path("ck"), "not-a-repo", "t", [])
+
+
+def test_the_comfyui_workflow_chains_base_lora_prompts_and_sampler_settings():
+    from trainer.comfy_workflow import api_workflow
+
+    g = api_workflow("/models/v1-5.safetensors", ["lablora, a circle", "lablora, a cross"], "blurry", 7, 20, 5.0,
+                     64, 64, "euler_a", [("runs/x/x.safetensors", 0.8)])
+    kinds = [n["class_type"] for n in g.values()]
+    assert kinds.count("KSampler") == 2 and kinds.count("SaveImage") == 2 and kinds.count("LoraLoader") == 1
+    for node in g.values():  # every link names an existing node and one of its outputs
+        for v in node["inputs"].values():
+            if isinstance(v, list):
+                assert v[0] in g and v[1] in (0, 1, 2)
+    ck = next(n for n in g.values() if n["class_type"] == "CheckpointLoaderSimple")
+    lora = next(n for n in g.values() if n["class_type"] == "LoraLoader")
+    assert ck["inputs"]["ckpt_name"] == "v1-5.safetensors" and lora["inputs"]["lora_name"] == "x.safetensors"
+    assert lora["inputs"]["strength_model"] == 0.8
+    samplers = [n for n in g.values() if n["class_type"] == "KSampler"]
+    assert {s["inputs"]["sampler_name"] for s in samplers} == {"euler_ancestral"}
+    assert all(s["inputs"]["seed"] == 7 and s["inputs"]["cfg"] == 5.0 and s["inputs"]["steps"] == 20 for s in samplers)
+    texts = {g[s["inputs"]["positive"][0]]["inputs"]["text"] for s in samplers}
+    assert texts == {"lablora, a circle", "lablora, a cross"}
+    assert all(g[s["inputs"]["model"][0]]["class_type"] == "LoraLoader" for s in samplers)

@@ -41,8 +41,8 @@ def loss_plot_png(rows: list[dict], path: Path) -> Path:
 
 
 def export_bundle(out: Path, images: list[tuple[str, object]], prompts: list[str], lora: Path | None,
-                  run_dir: Path | None, settings: dict) -> Path:
-    """Write the zip; `images` are (name, PIL image) pairs."""
+                  run_dir: Path | None, settings: dict, extra_json: dict | None = None) -> Path:
+    """Write the zip; `images` are (name, PIL image) pairs; `extra_json`: file name → data written as JSON."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp, plot = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.stem}_loss.png")
@@ -54,6 +54,8 @@ def export_bundle(out: Path, images: list[tuple[str, object]], prompts: list[str
                 z.writestr(f"images/{name}", buf.getvalue())
             z.writestr("prompts.txt", "\n".join(prompts) + "\n")
             z.writestr("settings.json", json.dumps(settings, indent=1))
+            for name, data in (extra_json or {}).items():
+                z.writestr(name, json.dumps(data, indent=1))
             if lora is not None and Path(lora).exists():
                 z.write(lora, f"lora/{Path(lora).name}")
             if run_dir is not None:

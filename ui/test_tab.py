@@ -164,7 +164,7 @@ def build(ctx):
     grid_btn.click(on_grid, ins, outs)
 
     @guarded(2)
-    def on_export(pairs, text, l0, s0, sd, st, g):
+    def on_export(pairs, text, l0, s0, sd, st, g, spec="tiny-demo", neg="", w=0, h=0, sch="euler_a"):
         from trainer.bundle import export_bundle
 
         from trainer.runs import safe_name
@@ -176,14 +176,24 @@ def build(ctx):
         if not pairs:
             raise LoraLabError("Nothing to export yet.", "Generate or compare images first.")
         check_space_quota(ctx, lora.stat().st_size if lora else 0, 1)
+        from trainer.comfy_workflow import api_workflow
+
         named = [(f"{i:02d}_{safe_name(cap.split(' · ')[0])}.png", img) for i, (img, cap) in enumerate(pairs)]
         out = ctx.workspace / "exports" / f"lora-lab-{time.strftime('%Y%m%d-%H%M%S')}.zip"
-        export_bundle(out, named, [t for t in text.splitlines() if t.strip()], lora, _run_of(lora) if lora else None,
-                      {"seed": sd, "steps": st, "guidance": g, "lora_strength": s0})
+        lines = [t for t in text.splitlines() if t.strip()]
+        model = ctx.models.get(access.base_model(ctx, spec)) if spec else None
+        size = model.default_resolution if model else 512
+        w, h = int(w or 0) or size, int(h or 0) or size
+        settings = {"base_model": spec, "sampler": sch, "width": w, "height": h, "steps": int(st), "guidance": float(g),
+                    "negative_prompt": neg or "", "seed": int(sd), "prompts": lines,
+                    "loras": [{"file": lora.name, "strength": float(s0)}] if lora else [], "lora_strength": s0}
+        workflow = api_workflow(spec, lines, neg, sd, st, g, w, h, sch, [(lora.name, float(s0))] if lora else [])
+        export_bundle(out, named, lines, lora, _run_of(lora) if lora else None, settings,
+                      {"comfyui_workflow_api.json": workflow})
         return f"Exported {out.name}.", str(out)
 
-    export_btn.click(on_export, [images, prompts, lora_boxes[0], strength_boxes[0], seed, steps, guidance],
-                     [message, export_file])
+    export_btn.click(on_export, [images, prompts, lora_boxes[0], strength_boxes[0], seed, steps, guidance, base,
+                                 negative, width, height, scheduler], [message, export_file])
 
     @guarded(1 + SLOTS + 1)
     def on_upload(f):
