@@ -32,7 +32,7 @@ def tiny_config(source, **over):
 
     data = {
         "name": "t",
-        "model": {"base": "tiny-demo"},
+        "model": {"base": "tiny-random"},
         "dataset": {"source": str(source), "resolution": 64, "bucket_min_side": 32, "bucket_max_side": 128,
                     "bucket_step": 16},
         "network": {"rank": 4, "alpha": 2},

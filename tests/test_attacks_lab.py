@@ -173,7 +173,9 @@ def test_12_every_page_watching_a_run_gets_its_updates(lab):
     from gradio_client import Client
 
     alice = lab["alice"]
-    name = alice.predict(cfg(lab["shared"], "watched", steps=40), api_name="/start_run")
+    # Alice's own run: her settings (shown back to her on a later page) must not carry Bob's secret.
+    name = alice.predict(cfg(lab["shared"], "watched", steps=40, dataset={"caption_prefix": "alicecat"}),
+                         api_name="/start_run")
     watchers = [Client(lab["server"].url, auth=("alice", "apple"), verbose=False) for _ in range(20)]
     jobs = [w.submit(name, api_name="/watch") for w in watchers]
     finals = [job.result(timeout=600) for job in jobs]

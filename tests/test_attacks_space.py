@@ -21,7 +21,7 @@ def space(tmp_path_factory):
     demo = Path(vera.predict(api_name="/on_demo"))
     first = sorted(demo.glob("*.txt"))[0]
     first.write_text(first.read_text() + f" {SECRET}")
-    name = vera.predict(f"name: vera\nmodel: {{base: tiny-demo}}\ndataset: {{source: '{demo}', resolution: 64, "
+    name = vera.predict(f"name: vera\nmodel: {{base: tiny-random}}\ndataset: {{source: '{demo}', resolution: 64, "
                         f"bucketing: false, caption_prefix: {SECRET}}}\ntrain: {{steps: 3}}\n", api_name="/start_run")
     for update in vera.submit(name, api_name="/watch"):
         pass
@@ -35,7 +35,7 @@ def space(tmp_path_factory):
 def cfg(source, **over):
     lines = {"train": "{steps: 4}", "dataset": f"{{source: '{source}', resolution: 64, bucketing: false}}",
              **over}
-    return "name: x\nmodel: {base: tiny-demo}\n" + "".join(f"{k}: {v}\n" for k, v in lines.items())
+    return "name: x\nmodel: {base: tiny-random}\n" + "".join(f"{k}: {v}\n" for k, v in lines.items())
 
 
 def test_8_a_visitor_cannot_choose_whose_workspace_they_get(space):
@@ -69,10 +69,10 @@ def test_8_space_caps_bound_every_setting_that_multiplies_the_work(space):
                        ({"model": "{base: stabilityai/sdxl}"}, "only these models")]:
         with pytest.raises(Exception, match=says):
             mallory.predict(cfg(demo, **over), api_name="/start_run")
-    message, *_ = mallory.predict("tiny-demo", "\n".join(["a cat"] * 50), "", 1, 2, 7.0, 64, 64, "euler_a",
+    message, *_ = mallory.predict("tiny-random", "\n".join(["a cat"] * 50), "", 1, 2, 7.0, 64, 64, "euler_a",
                                   None, None, None, 1, 1, 1, api_name="/on_generate")
     assert "too many" in message
-    message, *_ = mallory.predict("tiny-demo", "a cat", "", 1, 2, 7.0, 4096, 4096, "euler_a",
+    message, *_ = mallory.predict("tiny-random", "a cat", "", 1, 2, 7.0, 4096, 4096, "euler_a",
                                   None, None, None, 1, 1, 1, api_name="/on_generate")
     assert "out of range" in message
     for base in ["/etc", str(space["ws"]), "stabilityai/stable-diffusion-xl-base-1.0"]:

@@ -16,7 +16,7 @@ def pixels(img) -> np.ndarray:
     return np.asarray(img).astype(float)
 
 
-@pytest.mark.parametrize("spec", ["tiny-demo", "tiny-demo-xl"])
+@pytest.mark.parametrize("spec", ["tiny-random", "tiny-random-xl"])
 def test_a_bf16_unet_draws_the_picture_fp32_draws(spec):
     model = load_base(spec)
     full = pixels(generate(model, ["a red square"], seed=3, steps=4)[0])
@@ -36,7 +36,7 @@ def test_auto_precision_follows_the_card():
 
 
 def test_bf16_training_samples_and_exports_a_working_lora(demo_dir, tmp_path):
-    cfg = tiny_config(demo_dir, name="bf", **{"model.base": "tiny-demo-xl", "train.steps": 4,
+    cfg = tiny_config(demo_dir, name="bf", **{"model.base": "tiny-random-xl", "train.steps": 4,
                                               "train.mixed_precision": "bf16", "train.learning_rate": 1e-2,
                                               "train.gradient_checkpointing": True,
                                               "sample.prompts": ["a red square"], "sample.every_n_steps": 2})
@@ -45,7 +45,7 @@ def test_bf16_training_samples_and_exports_a_working_lora(demo_dir, tmp_path):
     samples = sorted(run.samples_dir.glob("*.png"))
     assert [p.name for p in samples] == ["step000002_00.png", "step000004_00.png"]
     assert pixels(Image.open(samples[-1])).std() > 10
-    model = load_base("tiny-demo-xl")
+    model = load_base("tiny-random-xl")
     base = pixels(generate(model, ["a red square"], seed=1, steps=4)[0])
     tuned = pixels(generate(model, ["a red square"], seed=1, steps=4, loras=[(run.lora_path("bf"), 1.0)])[0])
     assert np.abs(base - tuned).mean() > 1  # the bf16-trained LoRA changes the picture
@@ -58,7 +58,7 @@ def test_skipping_peft_input_casts_changes_no_gradient():
     from trainer.config import NetworkConfig
 
     def grads(skip: bool) -> list[torch.Tensor]:
-        unet = load_base("tiny-demo").unet.to(torch.bfloat16).requires_grad_(False)
+        unet = load_base("tiny-random").unet.to(torch.bfloat16).requires_grad_(False)
         torch.manual_seed(0)  # peft draws lora_A from the global generator
         add_adapter(unet, NetworkConfig(rank=4, alpha=4))
         if skip:
@@ -84,6 +84,6 @@ def test_input_casts_stay_for_adapters_computed_outside_matmuls(algorithm):
     from trainer.adapters import add_adapter, skip_input_casts
     from trainer.config import NetworkConfig
 
-    unet = load_base("tiny-demo").unet
+    unet = load_base("tiny-random").unet
     add_adapter(unet, NetworkConfig(algorithm=algorithm, rank=4, alpha=4))
     assert skip_input_casts(unet, algorithm) == 0

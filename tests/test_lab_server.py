@@ -23,7 +23,7 @@ def server(tmp_path_factory):
 
 
 def cfg(data, name, steps):
-    return (f"name: {name}\nmodel: {{base: tiny-demo}}\ndataset: {{source: '{data}', resolution: 64, "
+    return (f"name: {name}\nmodel: {{base: tiny-random}}\ndataset: {{source: '{data}', resolution: 64, "
             f"bucketing: false}}\ntrain: {{steps: {steps}, device: cpu}}\nsave: {{every_n_steps: 0}}\n")
 
 

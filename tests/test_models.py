@@ -18,10 +18,10 @@ def tiny_folder(tmp_path_factory):
 
 def test_diffusers_folder_loads_like_the_built_in_model(tiny_folder, tmp_path):
     m = load_base(str(tiny_folder))
-    ref = load_base("tiny-demo")
+    ref = load_base("tiny-random")
     assert m.family == "sd15" and m.prediction_type == "epsilon"
     assert torch.equal(unet_output(m.unet, m), unet_output(ref.unet, ref))
-    xl = load_base(str(save_tiny(tmp_path / "xl", "tiny-demo-xl")))
+    xl = load_base(str(save_tiny(tmp_path / "xl", "tiny-random-xl")))
     assert xl.family == "sdxl" and len(xl.text_encoders) == 2
 
 
@@ -31,7 +31,7 @@ def test_single_file_checkpoint_is_detected_and_loads_offline(tiny_folder, tmp_p
     save_sd15_single_file(build_tiny(), path)
     assert detect_single_file_family(path) == ("sd15", None)
     m = load_base(str(path), config_dir=str(tiny_folder))
-    ref = load_base("tiny-demo")
+    ref = load_base("tiny-random")
     assert m.family == "sd15"
     assert torch.equal(unet_output(m.unet, m), unet_output(ref.unet, ref))
     v = load_base(str(path), config_dir=str(tiny_folder), prediction_type="v_prediction")

@@ -46,7 +46,7 @@ def test_two_processes_make_one_run_that_loads(two_process_run):
     assert r.stdout.count("done:") == 1  # only the main process reports
     run = RunDir(ws / "runs" / "two")
     assert run.status()["state"] == "completed" and [x["step"] for x in run.metrics()] == list(range(1, 9))
-    AppliedLoras(load_base("tiny-demo"), [(run.lora_path("two"), 1.0)])
+    AppliedLoras(load_base("tiny-random"), [(run.lora_path("two"), 1.0)])
 
 
 def test_two_processes_of_batch_b_follow_one_process_of_batch_2b(two_process_run, demo_dir):

@@ -31,5 +31,5 @@ def test_actions_on_a_read_only_workspace_say_what_is_wrong(read_only_server, tm
         client.predict(api_name="/on_demo")
     data = make_demo_dataset(tmp_path / "data", count=2, size=64)
     with pytest.raises(Exception, match="could not write to the workspace .*read-only"):
-        client.predict(f"model: {{base: tiny-demo}}\ndataset: {{source: '{data}', resolution: 64}}\n",
+        client.predict(f"model: {{base: tiny-random}}\ndataset: {{source: '{data}', resolution: 64}}\n",
                        api_name="/start_run")

@@ -99,8 +99,8 @@ def test_an_sdxl_lora_on_an_sd15_model_is_refused_with_the_reason(demo_dir, tmp_
     from trainer.lora_file import AppliedLoras
     from trainer.models.load import load_base
 
-    run = run_job(tiny_config(demo_dir, name="xl", **{"model.base": "tiny-demo-xl", "train.steps": 1}), tmp_path)
-    sd15 = load_base("tiny-demo")
+    run = run_job(tiny_config(demo_dir, name="xl", **{"model.base": "tiny-random-xl", "train.steps": 1}), tmp_path)
+    sd15 = load_base("tiny-random")
     before = [p.clone() for p in sd15.unet.parameters()][:3]
     with pytest.raises(LoraLabError, match="does not fit this sd15 base model.*made for sdxl"):
         AppliedLoras(sd15, [(run.lora_path("xl"), 1.0)])

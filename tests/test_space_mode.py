@@ -13,7 +13,7 @@ def server(tmp_path_factory):
 
 
 def cfg(source, name, steps=4):
-    return (f"name: {name}\nmodel: {{base: tiny-demo}}\ndataset: {{source: '{source}', resolution: 64, "
+    return (f"name: {name}\nmodel: {{base: tiny-random}}\ndataset: {{source: '{source}', resolution: 64, "
             f"bucket_min_side: 32, bucket_max_side: 128, bucket_step: 16}}\ntrain: {{steps: {steps}}}\n")
 
 
@@ -31,7 +31,7 @@ def test_space_mode_isolates_visitors_and_refuses_server_paths(server, tmp_path)
     with pytest.raises(Exception, match="at most 20 steps"):
         alice.predict(cfg(demo, "long", steps=500), api_name="/start_run")
     with pytest.raises(Exception, match="only these models"):
-        alice.predict(cfg(demo, "big").replace("tiny-demo", "stabilityai/sdxl"), api_name="/start_run")
+        alice.predict(cfg(demo, "big").replace("tiny-random", "stabilityai/sdxl"), api_name="/start_run")
     name = alice.predict(cfg(demo, "mine"), api_name="/start_run")
     for update in alice.submit(name, api_name="/watch"):
         pass

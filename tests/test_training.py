@@ -28,7 +28,7 @@ def test_each_adapter_learns_and_its_file_reloads_to_the_trained_output(algorith
     lora = run.lora_path("learn-" + algorithm)
     caption = "lablora, a red circle, plain background"
 
-    base = load_base("tiny-demo")
+    base = load_base("tiny-random")
     before = fixed_batch_loss(base, one_image, caption)
     applied = AppliedLoras(base, [(lora, 1.0)])
     after = fixed_batch_loss(base, one_image, caption)
@@ -68,13 +68,13 @@ def test_diffusers_load_lora_weights_reproduces_the_trained_model(algorithm, dem
     trained = trained_model(run)
     expect = unet_output(trained.unet, trained)
 
-    pipe = StableDiffusionPipeline(**build_tiny("tiny-demo"), safety_checker=None, feature_extractor=None,
+    pipe = StableDiffusionPipeline(**build_tiny("tiny-random"), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     if algorithm == "lora":
         pipe.load_lora_weights(str(path))  # the file as it is, as any diffusers user would load it
     else:
         load_into_diffusers(pipe, path)  # diffusers drops dora_scale from kohya files; see its docstring
-    fresh = load_base("tiny-demo")
+    fresh = load_base("tiny-random")
     got = unet_output(pipe.unet, fresh, text_encoders=[pipe.text_encoder])
     assert torch.allclose(got, expect, atol=1e-4), (got - expect).abs().max()
 
@@ -125,7 +125,7 @@ def test_second_run_reuses_the_cache(demo_dir, tmp_path):
 
 
 def test_tiny_sdxl_run_trains_and_exports(demo_dir, tmp_path):
-    cfg = tiny_config(demo_dir, name="xl", **{"model.base": "tiny-demo-xl", "train.steps": 4,
+    cfg = tiny_config(demo_dir, name="xl", **{"model.base": "tiny-random-xl", "train.steps": 4,
                       "network.train_text_encoder": True, "sample.prompts": ["a red circle"],
                       "train.learning_rate": 1e-2})
     run = run_job(cfg, tmp_path)
@@ -139,7 +139,7 @@ def test_tiny_sdxl_run_trains_and_exports(demo_dir, tmp_path):
     assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
     trained = trained_model(run)
     expect = unet_output(trained.unet, trained)
-    base = load_base("tiny-demo-xl")
+    base = load_base("tiny-random-xl")
     AppliedLoras(base, [(run.lora_path("xl"), 1.0)])
     assert torch.allclose(unet_output(base.unet, base), expect, atol=1e-4)
 

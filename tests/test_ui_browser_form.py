@@ -36,7 +36,8 @@ def test_form_problems_show_in_place_and_settings_can_be_kept_and_reused(server,
     wait_for(lambda: "train.steps: 0 is out of range" in page.inner_text("#train-message"), 30,
              what=lambda: f"the field named, not {page.inner_text('#train-message')!r}")
     assert "1 to 10000000" in page.inner_text("#train-message")
-    assert "Error" not in page.inner_text("#run-history") and "last week" in page.inner_text("#run-history")
+    assert "Error" not in page.inner_text("#run-history") and "last-week" in page.inner_text("#run-history"), (
+        page.inner_text("#run-history"), page.inner_text("#train-message"))
     assert not (server.workspace / "runs" / "lora").exists()
 
     # Check settings: sample prompts without the dataset's trigger word, intervals longer than the run.
@@ -64,9 +65,9 @@ def test_form_problems_show_in_place_and_settings_can_be_kept_and_reused(server,
 
     # Use these settings: a past run's settings come back into the form.
     page.click("#history-pick input")
-    page.get_by_role("option", name="last week").click()
+    page.get_by_role("option", name="last-week").click()
     page.click("#history-reuse")
     wait_for(lambda: page.locator("#cfg-train-steps input[type=number]").input_value() == "3", 30,
              what="the past run's steps in the form")
     assert page.locator("#cfg-network-rank input[type=number]").input_value() == "8"
-    assert "settings of last week" in page.inner_text("#history-message")
+    assert "settings of last-week" in page.inner_text("#history-message")

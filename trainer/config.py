@@ -29,7 +29,7 @@ def opt(default, hint: str, choices=None, lo=None, hi=None):
 @dataclass
 class ModelConfig:
     base: str = opt("tiny-demo", "Base model: a diffusers folder, a .safetensors checkpoint, a hub id, "
-                    "or a built-in tiny model: tiny-demo (trained, draws shapes), tiny-random / tiny-random-xl "
+                    "or a built-in tiny model: tiny-demo (the demo), tiny-random / tiny-random-xl "
                     "(random weights, fast tests), tiny-demo-xl.")
     family: str = opt("auto", "Model family; auto detects it from the weights.",
                       choices=["auto", "sd15", "sd2", "sdxl"])

@@ -16,11 +16,12 @@ import re
 from pathlib import Path
 
 from trainer.errors import LoraLabError, shown
+from trainer.models.tiny import TINY_IDS as TINY
 from trainer.runs import RunDir, list_runs
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-TINY = ("tiny-demo", "tiny-demo-xl")
+LISTED_TINY = ("tiny-demo", "tiny-demo-xl")  # offered in the lists; the random ones are for tests
 
 
 def shared(ctx) -> bool:
@@ -144,8 +145,8 @@ def lora(ctx, value) -> Path:
 
 
 def base_models(ctx) -> list[str]:
-    """Models a user can pick: the tiny demos, and files and diffusers folders in the model folders."""
-    found = list(TINY)
+    """Models a user can pick: the tiny built-in ones, and files and diffusers folders in the model folders."""
+    found = list(LISTED_TINY)
     if ctx.space:
         return found + [m.strip() for m in os.environ.get("LORA_LAB_SPACE_MODELS", "").split(",") if m.strip()]
     for d in ctx.model_dirs:

@@ -17,7 +17,7 @@ from app_server import AppServer  # noqa: E402
 
 
 def config(data: Path, name: str, steps: int) -> str:
-    return (f"name: {name}\nmodel: {{base: tiny-demo}}\ndataset: {{source: '{data}', resolution: 64, bucketing: false}}\n"
+    return (f"name: {name}\nmodel: {{base: tiny-random}}\ndataset: {{source: '{data}', resolution: 64, bucketing: false}}\n"
             f"network: {{rank: 4}}\ntrain: {{steps: {steps}, device: cpu, mixed_precision: fp32}}\n"
             f"save: {{every_n_steps: 0}}\n")
 

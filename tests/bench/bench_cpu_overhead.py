@@ -23,7 +23,7 @@ def minimal_loop(data_dir: Path, steps: int, encode_every_step: bool) -> float:
     from trainer.encode import encode_text
     from trainer.models.load import load_base
 
-    m = load_base("tiny-demo")
+    m = load_base("tiny-random")
     add_adapter(m.unet, NetworkConfig(rank=4, alpha=4))
     opt = torch.optim.AdamW(adapter_parameters(m.unet), lr=1e-3)
     sched = m.noise_scheduler()
@@ -68,7 +68,7 @@ def engine(data_dir: Path, ws: Path, steps: int) -> float:
     from trainer.loop import run_job
 
     cfg = config_from_dict({
-        "name": "bench", "model": {"base": "tiny-demo"},
+        "name": "bench", "model": {"base": "tiny-random"},
         "dataset": {"source": str(data_dir), "resolution": 64, "bucketing": False, "resize": "crop"},
         "network": {"rank": 4, "alpha": 4},
         "train": {"steps": steps + 5, "learning_rate": 1e-3, "mixed_precision": "fp32", "device": "cpu"},
@@ -97,7 +97,7 @@ def main():
     base = best["minimal peft loop"]
     rows = [{"variant": k, "steps/s (best of %d)" % a.repeats: f"{v:.2f}", "vs minimal loop": f"{(v / base - 1) * 100:+.1f}%"}
             for k, v in best.items()]
-    report("cpu_overhead", rows, {"steps": a.steps, "model": "tiny-demo, 512 px PNGs trained at 64 px, rank 4, batch 1, fp32",
+    report("cpu_overhead", rows, {"steps": a.steps, "model": "tiny-random, 512 px PNGs trained at 64 px, rank 4, batch 1, fp32",
                                   "engine_overhead_pct": round((1 - best["engine"] / base) * 100, 1),
                                   "caching_speedup": round(best["engine"] / best["loop, encoding every step"], 2),
                                   "all": results})

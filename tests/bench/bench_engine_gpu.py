@@ -187,7 +187,7 @@ def main():
         if a.smoke:
             from trainer.models.tiny import save_tiny
 
-            kind = "tiny-demo-xl" if family == "sdxl" else "tiny-demo"
+            kind = "tiny-random-xl" if family == "sdxl" else "tiny-random"
             model = a.models / kind
             if not model.exists():
                 save_tiny(model, kind)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import LoraLabError
 from .detect import PICKLE_SUFFIXES, detect_single_file_family
-from .tiny import TINY_IDS, build_tiny
+from .tiny import DEMO_DIR, TINY_IDS, XL_IDS, build_tiny
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -133,6 +133,10 @@ def _load_hub(repo_id: str) -> tuple[Path, str]:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    from ..hub_cache import require
+
+    require(repo_id, "model", "Download the model on a connected machine and give its folder or .safetensors file "
+            "instead, or connect to the internet once.")
     try:
         folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
                                    ignore_patterns=["*.fp16.*", "*ema*", "*/diffusion_pytorch_model.non_ema*"])
@@ -153,14 +157,19 @@ def _load_hub(repo_id: str) -> tuple[Path, str]:
 def load_base(spec: str, family: str = "auto", prediction_type: str = "auto",
               allow_pickle: bool = False, config_dir: str = "") -> BaseModel:
     """Load `spec` (see module doc). Raises LoraLabError with advice for anything a user can fix."""
+    import torch
+
     spec = (spec or "").strip()
     if not spec:
         raise LoraLabError("No base model given.", "Set model.base to a model folder, a .safetensors file, "
                            "a hub id, or tiny-demo.")
     path = Path(spec).expanduser()
-    if spec in TINY_IDS:
+    if spec == "tiny-demo" and (DEMO_DIR / "model_index.json").exists():  # a trained one, once built there
+        parts = _load_folder(DEMO_DIR, "sd15")
+        detected, fp = "sd15", _fingerprint(DEMO_DIR, (DEMO_DIR / "unet").stat().st_mtime)
+    elif spec in TINY_IDS:
         parts = build_tiny(spec)
-        detected, fp = ("sdxl" if spec == "tiny-demo-xl" else "sd15"), _fingerprint(spec, "v1")
+        detected, fp = ("sdxl" if spec in XL_IDS else "sd15"), _fingerprint(spec, "v1")
     elif path.is_dir():
         if not (path / "model_index.json").exists():
             raise LoraLabError(f"{path} is a folder but not a diffusers model (no model_index.json).",
@@ -198,6 +207,9 @@ def load_base(spec: str, family: str = "auto", prediction_type: str = "auto",
         raise LoraLabError(f"model.family is {fam}, but the model has {len(tes)} text encoder(s).",
                            "Set model.family to auto.")
     for m in [parts["unet"], parts["vae"], *tes]:
+        # diffusers loads an fp16 folder's UNet and VAE as fp32, transformers 5 keeps the text encoder's
+        # fp16: every part starts in fp32 here, and the trainer and the generator cast from there.
+        torch.nn.Module.to(m, dtype=torch.float32)
         m.requires_grad_(False)
         m.eval()
     return BaseModel(family=fam, prediction_type=pred, unet=parts["unet"], vae=parts["vae"], text_encoders=tes,

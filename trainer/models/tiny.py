@@ -1,13 +1,19 @@
-"""Tiny SD 1.x- and SDXL-shaped models with random weights, built in code.
+"""Tiny models: the trained demo model's folder, and SD 1.x- and SDXL-shaped models with random weights.
 
-They train a LoRA in seconds on a CPU, so the whole workflow can be shown and tested with no
-download. The weights come from a fixed seed: the same model every time, on every machine.
+`tiny-random` and `tiny-random-xl` are built in code from a fixed seed (the same model every time,
+on every machine): they draw noise, and serve tests that need speed only. `tiny-demo` is a trained
+model in trainer/models/tiny-demo when one has been built there (`python -m trainer build-demo-model
+trainer/models/tiny-demo`), else the same random SD 1.x model; `tiny-demo-xl` is the random
+SDXL-shaped one until a trained sibling exists.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-TINY_IDS = ("tiny-demo", "tiny-demo-xl")
+DEMO_DIR = Path(__file__).parent / "tiny-demo"
+RANDOM_IDS = ("tiny-random", "tiny-random-xl", "tiny-demo-xl")
+TINY_IDS = ("tiny-demo", *RANDOM_IDS)
+XL_IDS = ("tiny-random-xl", "tiny-demo-xl")
 _BYTE_CHARS = None
 
 
@@ -37,6 +43,45 @@ def tiny_tokenizer(pad_token: str = "<|endoftext|>"):
     return CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad_token, model_max_length=77)
 
 
+def _bpe(word: str, merges: list) -> list[str]:
+    rank = {m: i for i, m in enumerate(merges)}
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = [(rank.get((a, b), len(rank)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        r, i = min(pairs)
+        if r == len(rank):
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def word_tokenizer(words, pad_token: str = "<|endoftext|>"):
+    """A CLIP tokenizer that reads each of `words` as one token and anything else letter by letter.
+
+    Whole-word tokens let a tiny text encoder learn "red" or "circle" at once instead of spelling;
+    a new word (a LoRA's trigger) still tokenizes, into characters. Each word gets a chain of BPE
+    merges, left to right, and the function checks that every word comes out whole.
+    """
+    from transformers import CLIPTokenizer
+
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        # Run BPE with the merges so far and add one for the first pair it leaves, until the word is
+        # whole. A merge added later has a higher rank, so it never splits a word made whole before.
+        while len(parts := _bpe(word, merges)) > 1:
+            merges.append((parts[0], parts[1]))
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
+    for word in words:
+        ids = tok(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1, f"{word!r} did not tokenize whole: {tok.convert_ids_to_tokens(ids)}"
+    return tok
+
+
 def _text_config(tokenizer):
     from transformers import CLIPTextConfig
 
@@ -48,13 +93,13 @@ def _text_config(tokenizer):
     )
 
 
-def build_tiny(kind: str = "tiny-demo") -> dict:
+def build_tiny(kind: str = "tiny-random") -> dict:
     """The components of a tiny pipeline: unet, vae, text_encoder(s), tokenizer(s), scheduler."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    xl = kind == "tiny-demo-xl"
+    xl = kind in XL_IDS
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         tok = tiny_tokenizer()
@@ -87,12 +132,12 @@ def build_tiny(kind: str = "tiny-demo") -> dict:
     return parts
 
 
-def save_tiny(out_dir: Path, kind: str = "tiny-demo") -> Path:
+def save_tiny(out_dir: Path, kind: str = "tiny-random") -> Path:
     """Write a tiny model as a diffusers folder that loads like any other."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     parts = build_tiny(kind)
-    if kind == "tiny-demo-xl":
+    if kind in XL_IDS:
         pipe = StableDiffusionXLPipeline(**parts)
     else:
         pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
