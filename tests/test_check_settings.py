@@ -32,3 +32,23 @@ def test_intervals_longer_than_the_run_are_warned_about(demo_dir):
     cfg = tiny_config(demo_dir, **{"train.steps": 60, "save.every_n_steps": 20, "sample.every_n_steps": 30,
                                    "sample.prompts": ["lablora, a circle"]})
     assert plan(cfg, None)["warnings"] == []
+
+
+def test_check_settings_says_what_sample_images_cost_and_warns_when_a_cpu_would_take_minutes(demo_dir):
+    from trainer.config import resolve
+    from trainer.plan_summary import describe
+
+    lab = resolve("classroom-lab", extra={"model": {"base": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+                                             "sample": {"prompts": ["lablora, a photo", "lablora, a cat"]}})
+    p = plan(lab, None, on_cpu=True)
+    assert p["sampling"]["rounds"] == 4 and p["sampling"]["size"] == "512×512"  # the run's resolution
+    text = describe(p, None)
+    assert "Samples: 2 images × 20 steps at 512×512, 4 times" in text and "min on this CPU" in text
+    assert any("each round of samples takes about" in w and "Stop works during sampling" in w for w in p["warnings"])
+    on_gpu = plan(lab, None, on_cpu=False)
+    assert "min on this CPU" not in describe(on_gpu, None)
+    assert not any("round of samples" in w for w in on_gpu["warnings"])
+    demo = resolve("cpu-demo", extra={"dataset": {"source": str(demo_dir)}})
+    assert not any("round of samples" in w for w in plan(demo, None, on_cpu=True)["warnings"])
+    heavy = resolve("cpu-demo", extra={"train": {"steps": 10}, "sample": {"every_n_steps": 1, "steps": 50}})
+    assert any("as long as the training itself" in w for w in plan(heavy, None, on_cpu=True)["warnings"])

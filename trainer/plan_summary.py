@@ -62,7 +62,50 @@ def interval_warnings(cfg) -> list[str]:
     return out
 
 
-def plan(cfg, dataset_summary: dict | None) -> dict:
+# Seconds for one UNet evaluation (batch 2: the prompt and the negative, for guidance) at 512², on 2
+# CPU cores in fp32, from tests/bench/bench_sample_time.py; a sample step is one evaluation.
+CPU_UNET_S = {"sd15": 4.0, "sd2": 4.5, "sdxl": 14.0, "tiny": 0.02}
+
+
+def sampling_plan(cfg, family: str, on_cpu: bool) -> dict | None:
+    """What sample images cost during the run: how many, how often, and each round's time in training
+    steps (a sample step is one UNet evaluation; a training step about three, forward and backward,
+    per image of the batch). On a CPU also in minutes, where a full-size model's sample image takes
+    minutes (what made a classroom run look frozen)."""
+    s, t = cfg.sample, cfg.train
+    if not s.prompts:
+        return None
+    res = cfg.dataset.resolution
+    w, h = s.width or res, s.height or res
+    rounds = (t.steps // s.every_n_steps if s.every_n_steps else 0)
+    rounds += 0 if s.every_n_steps and t.steps % s.every_n_steps == 0 else 1  # the one at the end
+    per_image = s.steps * (w * h) / (3 * t.batch_size * res * res)
+    out = {"images": len(s.prompts), "rounds": rounds, "steps": s.steps, "size": f"{w}×{h}",
+           "round_in_steps": math.ceil(per_image * len(s.prompts)),
+           "share": round(per_image * len(s.prompts) * rounds / max(1, t.steps * t.gradient_accumulation), 2)}
+    if on_cpu:
+        fam = family if family in CPU_UNET_S else "sd15"
+        seconds = CPU_UNET_S[fam] * (w * h) / 512**2 * s.steps * len(s.prompts)
+        out["round_minutes_cpu"] = round(seconds / 60, 1)
+    return out
+
+
+def sampling_warnings(sp: dict | None) -> list[str]:
+    if not sp:
+        return []
+    out = []
+    if sp.get("round_minutes_cpu", 0) >= 2:
+        out.append(f"On this computer's CPU each round of samples takes about {sp['round_minutes_cpu']:g} minutes "
+                   f"({sp['images']} images × {sp['steps']} steps at {sp['size']}). Fewer prompts, fewer "
+                   "sample.steps, a smaller sample.width/height or a longer sample.every_n_steps make it shorter; "
+                   "Stop works during sampling too.")
+    if sp["share"] >= 0.5:
+        out.append(f"Sample images take about {sp['share']:.0%} as long as the training itself; raise "
+                   "sample.every_n_steps or lower sample.steps if that is more than you want.")
+    return out
+
+
+def plan(cfg, dataset_summary: dict | None, on_cpu: bool | None = None) -> dict:
     """steps, epochs, memory and warnings for the summary shown before Start."""
     t, d = cfg.train, cfg.dataset
     warnings = []
@@ -97,13 +140,27 @@ def plan(cfg, dataset_summary: dict | None) -> dict:
             warnings.append(f"{dataset_summary['missing_captions']} images have no caption.")
     warnings += interval_warnings(cfg)
     family = family_guess(cfg.model.base)
+    if on_cpu is None:
+        on_cpu = _no_accelerator(cfg.train.device)
+    sp = sampling_plan(cfg, family, on_cpu)
+    warnings += sampling_warnings(sp)
     return {
         "steps": t.steps,
         "steps_per_epoch": per_epoch,
         "epochs": round(t.steps / per_epoch, 1) if per_epoch else None,
         "memory_gb": estimate_memory_gb(cfg, family),
         "warnings": warnings,
+        "sampling": sp,
     }
+
+
+def _no_accelerator(device: str) -> bool:
+    if device == "cpu":
+        return True
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return device == "auto" and not torch.cuda.is_available() and not (mps and mps.is_available())
 
 
 def describe(p: dict, dataset_summary: dict | None) -> str:
@@ -114,5 +171,12 @@ def describe(p: dict, dataset_summary: dict | None) -> str:
     else:
         lines.append(f"**{p['steps']} steps.** Load a dataset to see epochs.")
     lines.append(f"Estimated accelerator memory: about {p['memory_gb']} GB.")
+    sp = p.get("sampling")
+    if sp:
+        when = f"{sp['rounds']} times" if sp["rounds"] > 1 else "once, at the end"
+        took = f", about {sp['round_minutes_cpu']:g} min on this CPU" if "round_minutes_cpu" in sp else ""
+        many = "image" if sp["images"] == 1 else "images"
+        lines.append(f"Samples: {sp['images']} {many} × {sp['steps']} steps at {sp['size']}, {when}; each round "
+                     f"takes about as long as {sp['round_in_steps']} training steps{took}.")
     lines += [f"⚠️ {w}" for w in p["warnings"]]
     return "\n\n".join(lines)
