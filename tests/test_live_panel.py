@@ -50,7 +50,7 @@ def test_history_sends_state_changes_at_once_and_running_steps_now_and_then(monk
 def test_the_stream_pushes_changes_survives_a_bad_look_and_sends_a_heartbeat():
     looks = iter([[1, gr.skip()], [gr.skip(), gr.skip()], OSError("gone"), [gr.skip(), 2], [gr.skip(), gr.skip()]])
 
-    def look(last):
+    def look(last, session=None):
         x = next(looks, [gr.skip(), gr.skip()])
         if isinstance(x, Exception):
             raise x

@@ -78,3 +78,59 @@ def test_the_comfyui_workflow_chains_base_lora_prompts_and_sampler_settings():
     texts = {g[s["inputs"]["positive"][0]]["inputs"]["text"] for s in samplers}
     assert texts == {"lablora, a circle", "lablora, a cross"}
     assert all(g[s["inputs"]["model"][0]]["class_type"] == "LoraLoader" for s in samplers)
+
+
+def test_the_session_export_names_every_image_and_each_checkpoint_lora_apart(finished_run, tmp_path):
+    from trainer.bundle import session_files
+
+    (_, first), (_, second) = checkpoint_loras(finished_run.path)
+    final = finished_run.lora_path("ck")
+    common = {"base": "tiny-demo", "negative": "", "seed": 3, "steps": 20, "guidance": 5.0, "sampler": "euler_a",
+              "width": 64, "height": 64}
+    records = [{**common, "image": Image.new("RGB", (64, 64)), "prompt": "lablora, a circle", "label": "base",
+                "loras": []},
+               {**common, "image": Image.new("RGB", (64, 64), "pink"), "prompt": "lablora, a circle",
+                "label": "with LoRA", "loras": [(str(final), 1.0)]},
+               {**common, "image": Image.new("RGB", (64, 64)), "prompt": "lablora, a cross", "label": "step 2",
+                "loras": [(str(first), 0.8)]},
+               {**common, "image": Image.new("RGB", (64, 64)), "prompt": "lablora, a cross", "label": "step 4",
+                "loras": [(str(second), 0.8)]}]
+    named, entries, loras = session_files(records)
+    assert [n for n, _ in named] == ["000_lablora-a-circle_base.png", "001_lablora-a-circle_with-LoRA.png",
+                                     "002_lablora-a-cross_step-2.png", "003_lablora-a-cross_step-4.png"]
+    assert [name for _, name in loras] == ["ck.safetensors", "ck-step-000002.safetensors", "ck-step-000004.safetensors"]
+    assert entries[2]["loras"] == [{"file": "ck-step-000002.safetensors", "strength": 0.8}]
+    assert entries[1]["seed"] == 3 and entries[1]["width"] == 64 and entries[0]["loras"] == []
+    out = export_bundle(tmp_path / "all.zip", named, ["lablora, a circle", "lablora, a cross"], final,
+                        finished_run.path, {"images": entries}, None, [x for x in loras if x[0] != final])
+    names = set(zipfile.ZipFile(out).namelist())
+    assert {"lora/ck.safetensors", "lora/ck-step-000002.safetensors", "lora/ck-step-000004.safetensors"} <= names
+    assert sum(n.startswith("images/") for n in names) == 4
+
+
+def test_the_comfyui_canvas_workflow_is_the_api_graph_with_widgets_in_comfyuis_order():
+    from trainer.comfy_workflow import workflow_api, workflow_ui
+
+    one = {"base": "v1-5.safetensors", "negative": "blurry", "seed": 7, "steps": 20, "guidance": 5.0,
+           "width": 64, "height": 64, "sampler": "euler_a"}
+    api = workflow_api([{**one, "prompt": "lablora, a circle", "loras": [], "name": "000_base"},
+                        {**one, "prompt": "lablora, a circle", "loras": [("ck.safetensors", 1.0)], "name": "001_lora"},
+                        {**one, "prompt": "lablora, a cross", "loras": [("ck.safetensors", 1.0)], "name": "002_lora"}])
+    kinds = [n["class_type"] for n in api.values()]
+    assert kinds.count("CheckpointLoaderSimple") == 1 and kinds.count("LoraLoader") == 1  # shared
+    assert kinds.count("KSampler") == 3 and kinds.count("EmptyLatentImage") == 1
+    ui = workflow_ui(api)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert len(nodes) == len(api) and ui["last_node_id"] == len(nodes) and ui["last_link_id"] == len(ui["links"])
+    for link_id, src, src_slot, dst, dst_slot, typ in ui["links"]:
+        assert link_id in nodes[src]["outputs"][src_slot]["links"] and nodes[src]["outputs"][src_slot]["type"] == typ
+        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id and nodes[dst]["inputs"][dst_slot]["type"] == typ
+    links_in = sum(isinstance(v, list) for n in api.values() for v in n["inputs"].values())
+    assert len(ui["links"]) == links_in
+    samplers = [n for n in ui["nodes"] if n["type"] == "KSampler"]
+    assert all(n["widgets_values"] == [7, "fixed", 20, 5.0, "euler_ancestral", "normal", 1.0] for n in samplers)
+    saves = sorted(n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "SaveImage")
+    assert saves == ["000_base", "001_lora", "002_lora"]
+    lora = next(n for n in ui["nodes"] if n["type"] == "LoraLoader")
+    assert lora["widgets_values"] == ["ck.safetensors", 1.0, 1.0]
+    assert len({tuple(n["pos"]) for n in ui["nodes"]}) == len(nodes)  # no two nodes on top of each other

@@ -4,6 +4,7 @@ Load a folder → edit captions → train and watch loss and samples → stop �
 re-attach → compare with the base model → export the zip. Screenshots of each tab go to
 docs/screenshots/ for the README.
 """
+import json
 import re
 import shutil
 import time
@@ -120,7 +121,8 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     page.locator("#cfg-name textarea, #cfg-name input").first.fill("browser run")
     page.click("#train-start")
     wait_for(lambda: "Started" in page.inner_text("#train-message"), 30, what="start")
-    wait_for(lambda: progress(page)[1] >= 10, 120, what="steps")
+    wait_for(lambda: progress(page)[1] >= 10, 120,
+             what=lambda: f"steps: {page.inner_text('#train-progress')!r} {page.inner_text('#train-message')!r}")
     wait_for(lambda: page.locator("#loss-plot path").count() > 0, 30, what="loss points")
     wait_for(lambda: page.locator("#train-samples img").count() >= 1, 60, what="a sample image")
     wait_for(lambda: "step 8 · " in page.inner_text("#train-samples"), 30, what="samples labelled with their step")
@@ -168,15 +170,21 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     page.click("#test-compare")
     wait_for(lambda: "with LoRA · lablora, a cross on a black background" in page.inner_text("#test-gallery"), 120,
              what="comparison images")
+    wait_for(lambda: "6 images" in page.inner_text("#test-session"), 30, what="both comparisons kept for the export")
     page.click("#test-export")
     wait_for(lambda: "Exported" in page.inner_text("#test-message"), 60, what="export")
     page.screenshot(path=str(SHOTS / "test.png"), full_page=True)
     zips = list((server.workspace / "exports").glob("*.zip"))
     assert len(zips) == 1
-    names = zipfile.ZipFile(zips[0]).namelist()
+    z = zipfile.ZipFile(zips[0])
+    names = z.namelist()
     assert {"prompts.txt", "config.yaml", "loss.png", "lora/browser-run.safetensors", "settings.json",
-            "comfyui_workflow_api.json"} <= set(names)
-    assert sum(n.startswith("images/") for n in names) == 2
+            "comfyui_workflow_api.json", "comfyui_workflow.json"} <= set(names)
+    images = sorted(n for n in names if n.startswith("images/"))  # every image of the session, not the last click's
+    assert len(images) == 6 and images[-1] == "images/005_lablora-a-cross-on-a-black-background_with-LoRA.png", images
+    settings = json.loads(z.read("settings.json"))
+    assert [e["file"] for e in settings["images"]] == [n.removeprefix("images/") for n in images]
+    assert settings["images"][-1]["loras"] == [{"file": "browser-run.safetensors", "strength": 1.0}]
 
     # The strength sweep (LoRA 1 at 0 … 1) and the checkpoints × prompts grid of its run.
     page.get_by_role("button", name="Strength sweep (LoRA 1)").click()

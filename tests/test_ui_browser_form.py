@@ -4,7 +4,7 @@ import pytest
 
 from app_server import AppServer
 from conftest import tiny_config
-from test_ui_browser import CHROMIUM, SHOTS, browser, pick, set_number, wait_for  # noqa: F401 (browser: fixture)
+from test_ui_browser import CHROMIUM, SHOTS, browser, pick, progress, set_number, wait_for  # noqa: F401 (browser: fixture)
 from trainer.data.demo import make_demo_dataset
 from trainer.loop import run_job
 
@@ -71,3 +71,48 @@ def test_form_problems_show_in_place_and_settings_can_be_kept_and_reused(server,
              what="the past run's steps in the form")
     assert page.locator("#cfg-network-rank input[type=number]").input_value() == "8"
     assert "settings of last-week" in page.inner_text("#history-message")
+
+
+def test_the_live_panel_stays_on_its_run_and_an_opened_run_follows_its_state(server, browser, tmp_path):
+    """A queued run starting does not pull the live panel away from the run it shows: the panel says so
+    and follows only when asked; a run opened in the history shows its new state when it ends."""
+    data = make_demo_dataset(tmp_path / "views", count=4)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(server.url)
+    page.fill("#dataset-source textarea, #dataset-source input", str(data))
+    page.click("#dataset-load")
+    wait_for(lambda: "4 images" in page.inner_text("#dataset-counts"), 60, what="dataset counts")
+    page.get_by_role("tab", name="3 · Train").click()
+    pick(page, "train-preset", "cpu-demo")
+    wait_for(lambda: "cpu-demo" in page.inner_text("#train-preset-info"), 20, what="preset")
+    set_number(page, "cfg-train-steps", 5000)
+    page.fill("#cfg-sample-prompts textarea", "")
+
+    def shown():
+        el = page.locator("#run-progress .run-name")
+        return el.inner_text() if el.count() else ""
+
+    page.fill("#cfg-name textarea, #cfg-name input", "first")
+    page.click("#train-start")
+    wait_for(lambda: shown() == "first" and progress(page)[0] == "running", 120, what="the first run running")
+    page.fill("#cfg-name textarea, #cfg-name input", "second")
+    page.click("#train-start")
+    wait_for(lambda: "Queued second" in page.inner_text("#train-message"), 60, what="the second run queued")
+    page.click("#history-pick input")
+    page.get_by_role("option", name="first").click()
+    wait_for(lambda: "running" in page.inner_text("#history-message"), 30, what="the opened run running")
+
+    page.click("#train-stop")  # the first run stops; the queued one starts
+    wait_for(lambda: progress(page)[0] == "stopped", 120, what="the first run stopped")
+    wait_for(lambda: page.locator("#run-other").count() and "second" in page.inner_text("#run-other"), 60,
+             what="the panel saying that another run is going")
+    assert shown() == "first"  # it stayed on the run it showed
+    wait_for(lambda: "stopped" in page.inner_text("#history-message"), 30,
+             what=lambda: f"the opened run's new state, not {page.inner_text('#history-message')!r}")
+    page.screenshot(path=str(SHOTS / "train-another-run.png"), full_page=True)
+
+    page.click("#live-follow")
+    wait_for(lambda: shown() == "second" and progress(page)[0] == "running", 60, what="the panel following")
+    assert not page.locator("#run-other").count()
+    page.click("#train-stop")
+    wait_for(lambda: progress(page)[0] == "stopped", 120, what="the second run stopped")

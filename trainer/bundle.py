@@ -40,9 +40,47 @@ def loss_plot_png(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def session_files(records: list[dict]) -> tuple[list[tuple[str, object]], list[dict], list[tuple[Path, str]]]:
+    """From the Test tab's records of the images made (picture, prompt, label, settings, LoRAs): the
+    images named after their number, prompt and kind; one settings entry each; the LoRA files used,
+    with the name each has in the zip (and in the entries and the ComfyUI workflows)."""
+    from .runs import safe_name
+
+    named, entries, loras = [], [], {}
+    for i, r in enumerate(records):
+        name = f"{i:03d}_{safe_name(r['prompt'])[:60]}_{safe_name(r['label'])}.png"
+        named.append((name, r["image"]))
+        used = []
+        for path, strength in r["loras"]:
+            path = Path(path)
+            if path not in loras:
+                loras[path] = _zip_name(path, set(loras.values()))
+            used.append({"file": loras[path], "strength": strength})
+        entries.append({"file": name, "prompt": r["prompt"], "label": r["label"], "base_model": r["base"],
+                        "sampler": r["sampler"], "width": r["width"], "height": r["height"], "steps": r["steps"],
+                        "guidance": r["guidance"], "negative_prompt": r["negative"], "seed": r["seed"],
+                        "loras": used})
+    return named, entries, list(loras.items())
+
+
+def _zip_name(path: Path, taken: set) -> str:
+    """A LoRA's file name in the zip: its own, or for a checkpoint (runs/R/checkpoints/step-000020/
+    lora.safetensors) R-step-000020.safetensors; numbered where two would clash."""
+    name = path.name
+    if path.parent.parent.name == "checkpoints":
+        name = f"{path.parent.parent.parent.name}-{path.parent.name}.safetensors"
+    stem, n = name.removesuffix(".safetensors"), 2
+    while name in taken:
+        name, n = f"{stem}-{n}.safetensors", n + 1
+    return name
+
+
 def export_bundle(out: Path, images: list[tuple[str, object]], prompts: list[str], lora: Path | None,
-                  run_dir: Path | None, settings: dict, extra_json: dict | None = None) -> Path:
-    """Write the zip; `images` are (name, PIL image) pairs; `extra_json`: file name → data written as JSON."""
+                  run_dir: Path | None, settings: dict, extra_json: dict | None = None,
+                  extra_loras: list[tuple[Path, str]] | None = None) -> Path:
+    """Write the zip; `images` are (name, PIL image) pairs; `extra_json`: file name → data written as JSON;
+    `extra_loras`: (file, name in the zip) of the other LoRAs the images used (checkpoints, other
+    slots), under lora/ as well."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp, plot = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.stem}_loss.png")
@@ -56,8 +94,11 @@ def export_bundle(out: Path, images: list[tuple[str, object]], prompts: list[str
             z.writestr("settings.json", json.dumps(settings, indent=1))
             for name, data in (extra_json or {}).items():
                 z.writestr(name, json.dumps(data, indent=1))
-            if lora is not None and Path(lora).exists():
-                z.write(lora, f"lora/{Path(lora).name}")
+            written = set()
+            for path, name in [(lora, Path(lora).name if lora else ""), *(extra_loras or [])]:
+                if path is not None and Path(path).exists() and name not in written:
+                    written.add(name)
+                    z.write(path, f"lora/{name}")
             if run_dir is not None:
                 run_dir = Path(run_dir)
                 if (run_dir / "config.yaml").exists():

@@ -4,6 +4,8 @@ read from its run folder (the source of truth), and sent to the page only where 
 from __future__ import annotations
 
 import asyncio
+import html
+import math
 import logging
 import time
 
@@ -64,12 +66,14 @@ def fmt_eta(seconds) -> str:
     return f"{seconds // 3600}h {seconds % 3600 // 60}m" if seconds >= 3600 else f"{seconds // 60}m {seconds % 60}s"
 
 
-def progress_html(st: dict, latest: dict) -> str:
+def progress_html(st: dict, latest: dict, name: str = "") -> str:
     step, total = st.get("step", 0), st.get("total_steps") or 1
     pct = min(100, int(100 * step / total))
     state = st.get("state", "")
     color = STATE_COLOR.get(state, "#374151")
     bits = [f"<b style='color:{color}'>{STATE_ICON.get(state, state)}</b>", f"step {step} / {total}"]
+    if name:
+        bits.insert(0, f"<b class='run-name'>{html.escape(name)}</b>")
     if state == "running" and latest.get("speed"):
         bits += [f"{latest['speed']:.2f} steps/s", f"ETA {fmt_eta(latest.get('eta'))}"]
     if latest.get("memory"):
@@ -79,11 +83,16 @@ def progress_html(st: dict, latest: dict) -> str:
         bits.append(f"number {latest['position']} of {latest['waiting']} waiting for a device")
     if state == "running" and latest.get("phase"):  # loading, or making samples (which holds the ETA up)
         bits.append(f"<b>{latest['phase']}</b>")
-    if st.get("last_loss") is not None:
+    if isinstance(st.get("last_loss"), (int, float)) and math.isfinite(st["last_loss"]):  # none before step 1
         bits.append(f"loss {st['last_loss']:.4f}")
     msg = ""
     if state in ("failed", "interrupted"):
-        msg = f"<p class='run-error'><b>{st.get('error', '')}</b> {st.get('advice', '')}</p>"
+        msg = (f"<p class='run-error'><b>{html.escape(str(st.get('error', '')))}</b> "
+               f"{html.escape(str(st.get('advice', '')))}</p>")
+    if latest.get("other"):  # this panel stays on its run; another of the user's runs is going
+        other, how = latest["other"]
+        msg += (f"<p id='run-other'>Another run, <b>{html.escape(other)}</b>, is {how} now. This panel stays on "
+                f"<b>{html.escape(name)}</b>; <i>Show the run going now</i> follows the other.</p>")
     return (f"<div id='run-progress' data-state='{state}' data-step='{step}'>"
             f"<div style='background:#e5e7eb;border-radius:6px;height:14px'><div style='width:{pct}%;"
             f"background:#6366f1;height:14px;border-radius:6px'></div></div><p>{' · '.join(bits)}</p>{msg}</div>")
@@ -134,7 +143,7 @@ def live_update(run: RunDir | None, latest: dict, last: dict | None):
     last = last if isinstance(last, dict) and last.get("run") == run.name else {}
     st = run.status()
     now = time.time()
-    state = {"run": run.name, "progress": progress_html(st, latest), "metrics": _size(run.metrics_path),
+    state = {"run": run.name, "progress": progress_html(st, latest, run.name), "metrics": _size(run.metrics_path),
              "log": _size(run.log_path), "samples": len(run.samples()), "plotted_at": last.get("plotted_at", 0.0)}
     out = [gr.skip()] * 5
     if state["progress"] != last.get("progress"):
@@ -171,22 +180,47 @@ def is_skip(x) -> bool:
     return isinstance(x, dict) and x.get("__type__") == "update" and len(x) == 1
 
 
+class Watching:
+    """What each open page shows, by its Gradio session: the run in its live panel and the run opened in
+    its history. A page keeps showing its run until its user picks another (Start, Resume, *Show the
+    run going now*), so a queued run starting does not pull the view away from a finished one. Names
+    kept here are checked again (access.run) whenever they are read."""
+
+    def __init__(self):
+        self.live: dict[str, str] = {}
+        self.opened: dict[str, str] = {}
+
+    def forget(self, session: str | None) -> None:
+        self.live.pop(session, None)
+        self.opened.pop(session, None)
+
+
+watching = Watching()
+
+
+def session_of(request) -> str | None:
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
 def streamed(look, every: float = 2.0, heartbeat: float = 30.0):
-    """An async generator for a page-load event: `look(last)` -> (outputs, state) every `every` seconds,
-    pushed to the page only when an output changed. An open page holds no thread between looks; a quiet
-    page still gets an empty update every `heartbeat` seconds, because that is when Gradio notices a
-    closed page and ends its stream."""
-    async def stream():
-        last, quiet = None, 0.0
-        while True:
-            try:
-                out, last = await anyio.to_thread.run_sync(look, last)  # file reads, off the event loop
-            except Exception:  # e.g. a run folder deleted while being read: look again next time
-                log.warning("live panel: could not read the run", exc_info=True)
-                out = None
-            if out is not None and (quiet >= heartbeat or not all(is_skip(x) for x in out)):
-                quiet = 0.0
-                yield out
-            await asyncio.sleep(every)
-            quiet += every
+    """An async generator for a page-load event: `look(last, session)` -> (outputs, state) every `every`
+    seconds, pushed to the page only when an output changed. An open page holds no thread between
+    looks; a quiet page still gets an empty update every `heartbeat` seconds, because that is when
+    Gradio notices a closed page and ends its stream (and what the page watched is forgotten)."""
+    async def stream(request: gr.Request = None):
+        last, quiet, session = None, 0.0, session_of(request)
+        try:
+            while True:
+                try:  # file reads, off the event loop
+                    out, last = await anyio.to_thread.run_sync(look, last, session)
+                except Exception:  # e.g. a run folder deleted while being read: look again next time
+                    log.warning("live panel: could not read the run", exc_info=True)
+                    out = None
+                if out is not None and (quiet >= heartbeat or not all(is_skip(x) for x in out)):
+                    quiet = 0.0
+                    yield out
+                await asyncio.sleep(every)
+                quiet += every
+        finally:
+            watching.forget(session)
     return stream

@@ -14,6 +14,45 @@ from . import access, scope, space
 from .errors import guarded
 
 SLOTS = 3
+SESSION_MAX = 400  # images kept for the export; older ones drop out (the page says so)
+
+
+def session_text(kept: list[dict], dropped: int = 0) -> str:
+    if not kept:
+        return "No images made yet: what you generate here is kept for the export."
+    clicks = len({r.get("batch") for r in kept})
+    text = (f"This set: **{len(kept)} images** from {clicks} generation{'s' if clicks > 1 else ''}; *Export zip* "
+            "puts them all in one file.")
+    if dropped:
+        text += f" The oldest {dropped} dropped out (at most {SESSION_MAX} are kept): export more often."
+    return text
+STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+class ImageCounter:
+    """Reports "image k of N" to the page's progress bar across the several generate() calls of one
+    click (a comparison makes the LoRA images, then the base ones)."""
+
+    def __init__(self, progress, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+
+    def next_batch(self):
+        start = self.done
+
+        def report(i: int, n: int) -> None:
+            self.done = start + i + 1  # called before image i of this call is made
+            self.progress((self.done - 1) / self.total, desc=f"making image {self.done} of {self.total}")
+        return report
+
+
+def with_progress(fn):
+    """Give a handler Gradio's progress bar as the keyword `progress`. Gradio passes gr.Progress only to
+    a positional parameter with that default, so it comes first here and the handler's own inputs
+    follow as they are."""
+    def inner(progress=gr.Progress(), *args):
+        return fn(*args, progress=progress)
+    inner.__name__ = fn.__name__
+    return inner
 
 
 def _run_of(lora: Path) -> Path | None:
@@ -55,9 +94,15 @@ def build(ctx):
         grid_btn = gr.Button("Checkpoints × prompts (LoRA 1's run)")
     message = gr.Markdown(elem_id="test-message")
     gallery = gr.Gallery(label="Results", columns=4, height="auto", elem_id="test-gallery")
-    images = gr.State([])
+    images = gr.State([])  # the last click's images, with how each was made
+    session = gr.State([])  # every image made on this page since it opened (or was cleared)
     with gr.Row():
-        export_btn = gr.Button("Export zip (images, prompts, LoRA, config, loss plot)", elem_id="test-export")
+        session_info = gr.Markdown("No images made yet: what you generate here is kept for the export.",
+                                   elem_id="test-session")
+        clear_btn = gr.Button("Start a new set", size="sm", elem_id="test-clear", scale=0)
+    with gr.Row():
+        export_btn = gr.Button("Export zip (every image made here, prompts, LoRA, config, loss plot, settings, "
+                               "ComfyUI workflows)", elem_id="test-export")
         export_file = gr.File(label="Export", elem_id="test-export-file")
     with gr.Accordion("Share on the Hugging Face hub", open=False):
         with gr.Row():
@@ -89,110 +134,153 @@ def build(ctx):
         cfg = load(run / "config.yaml")
         return "\n".join(cfg.sample.prompts) or cfg.dataset.caption_prefix
 
-    def gen(spec, text, neg, sd, st, g, w, h, sch, loras):
+    def gen(spec, text, neg, sd, st, g, w, h, sch, loras, counter=None):
         model = model_for(spec, text, st, w, h)
-        return _generate(model, text.splitlines(), neg, sd, st, g, w, h, sch, loras)
+        return _generate(model, text.splitlines(), neg, sd, st, g, w, h, sch, loras, counter)
 
-    def _generate_now(model, lines, neg, sd, st, g, w, h, sch, loras):
+    def _generate_now(model, lines, neg, sd, st, g, w, h, sch, loras, counter=None):
         from trainer.prepare import pick_device
         from trainer.sampling import for_generation, generate
 
         device = pick_device("auto")  # here: on ZeroGPU the GPU exists only inside this call
         for_generation(model, device)
         return generate(model, lines, int(sd), int(st), float(g), int(w or 0), int(h or 0), neg, sch, loras=loras,
-                        device=device)
+                        device=device, progress=counter.next_batch() if counter else None)
 
     _generate = space.gpu(_generate_now)  # on ZeroGPU hardware the call asks for the GPU
+    # There the call runs in another process, which cannot report back through the page's progress bar.
+    shows_progress = _generate is _generate_now
 
-    def pack(pairs):
-        return "", [(img, cap) for img, cap in pairs], pairs
+    def counter_for(progress, text, batches: int):
+        lines = [t for t in (text or "").splitlines() if t.strip()]
+        return ImageCounter(progress, len(lines) * batches) if shows_progress and lines else None
+
+    def made(imgs, lines, label, spec, neg, sd, st, g, sch, loras) -> list[dict]:
+        """One record per image: the picture, its gallery caption, and every setting that made it."""
+        return [{"image": img, "caption": f"{label} · {p}", "prompt": p, "label": label, "base": spec or "",
+                 "negative": neg or "", "seed": int(sd), "steps": int(st), "guidance": float(g), "sampler": sch,
+                 "width": img.size[0], "height": img.size[1],
+                 "loras": [(str(path), float(strength)) for path, strength in loras]}
+                for img, p in zip(imgs, lines)]
+
+    def pack(records):
+        batch = time.time_ns()
+        for r in records:
+            r["batch"] = batch
+        return "", [(r["image"], r["caption"]) for r in records], records
 
     @guarded(3)
-    def on_generate(spec, text, neg, sd, st, g, w, h, sch, *ls):
+    @with_progress
+    def on_generate(spec, text, neg, sd, st, g, w, h, sch, *ls, progress=None):
         text = prompts_for(text, ls[0])
         loras = _loras(ls[:SLOTS], ls[SLOTS:])
-        imgs = gen(spec, text, neg, sd, st, g, w, h, sch, loras)
+        imgs = gen(spec, text, neg, sd, st, g, w, h, sch, loras, counter_for(progress, text, 1))
         lines = [t for t in text.splitlines() if t.strip()]
-        return pack([(img, f"{p} · LoRAs") for img, p in zip(imgs, lines)])
+        return pack(made(imgs, lines, "with LoRAs" if loras else "base", spec, neg, sd, st, g, sch, loras))
 
     @guarded(3)
-    def on_compare(spec, text, neg, sd, st, g, w, h, sch, *ls):
+    @with_progress
+    def on_compare(spec, text, neg, sd, st, g, w, h, sch, *ls, progress=None):
         text = prompts_for(text, ls[0])
         loras = _loras(ls[:SLOTS], ls[SLOTS:])
         if not loras:
             raise LoraLabError("No LoRA picked.", "Pick a LoRA in slot 1 to compare with the base model.")
         lines = [t for t in text.splitlines() if t.strip()]
-        with_l = gen(spec, text, neg, sd, st, g, w, h, sch, loras)
-        without = gen(spec, text, neg, sd, st, g, w, h, sch, [])
-        pairs = []
-        for p, a, b in zip(lines, without, with_l):
-            pairs += [(a, f"base · {p}"), (b, f"with LoRA · {p}")]
-        return pack(pairs)
+        counter = counter_for(progress, text, 2)
+        with_l = gen(spec, text, neg, sd, st, g, w, h, sch, loras, counter)
+        without = gen(spec, text, neg, sd, st, g, w, h, sch, [], counter)
+        records = []
+        for a, b in zip(made(without, lines, "base", spec, neg, sd, st, g, sch, []),
+                        made(with_l, lines, "with LoRA", spec, neg, sd, st, g, sch, loras)):
+            records += [a, b]
+        return pack(records)
 
     @guarded(3)
-    def on_sweep(spec, text, neg, sd, st, g, w, h, sch, *ls):
+    @with_progress
+    def on_sweep(spec, text, neg, sd, st, g, w, h, sch, *ls, progress=None):
         text = prompts_for(text, ls[0])
         if not ls[0]:
             raise LoraLabError("No LoRA picked.", "Pick a LoRA in slot 1.")
         lora = access.lora(ctx, ls[0])
-        pairs = []
-        for s in (0.0, 0.25, 0.5, 0.75, 1.0):
-            imgs = gen(spec, text, neg, sd, st, g, w, h, sch, [(lora, s)])
-            pairs += [(img, f"strength {s}") for img in imgs]
-        return pack(pairs)
+        records, lines = [], [t for t in text.splitlines() if t.strip()]
+        counter = counter_for(progress, text, len(STRENGTHS))
+        for s in STRENGTHS:
+            imgs = gen(spec, text, neg, sd, st, g, w, h, sch, [(lora, s)], counter)
+            records += made(imgs, lines, f"strength {s}", spec, neg, sd, st, g, sch, [(lora, s)])
+        return pack(records)
 
     @guarded(3)
-    def on_grid(spec, text, neg, sd, st, g, w, h, sch, *ls):
+    @with_progress
+    def on_grid(spec, text, neg, sd, st, g, w, h, sch, *ls, progress=None):
         text = prompts_for(text, ls[0])
         from trainer.checkpoint_lora import checkpoint_loras
 
         run = _run_of(access.lora(ctx, ls[0])) if ls[0] else None
         if run is None:
             raise LoraLabError("LoRA 1 is not from a run.", "Pick a LoRA made by a run to compare its checkpoints.")
-        pairs = []
+        records, lines = [], [t for t in text.splitlines() if t.strip()]
         model = model_for(spec, text, st, w, h)
-        for step, path in checkpoint_loras(run):
-            imgs = _generate(model, text.splitlines(), neg, sd, st, g, w, h, sch, [(path, float(ls[SLOTS]))])
-            pairs += [(img, f"step {step} · {p}") for img, p in zip(imgs, [t for t in text.splitlines() if t.strip()])]
-        return pack(pairs)
+        checkpoints = checkpoint_loras(run)
+        counter = counter_for(progress, text, len(checkpoints))
+        for step, path in checkpoints:
+            loras = [(path, float(ls[SLOTS]))]
+            imgs = _generate(model, text.splitlines(), neg, sd, st, g, w, h, sch, loras, counter)
+            records += made(imgs, lines, f"step {step}", spec, neg, sd, st, g, sch, loras)
+        return pack(records)
 
     outs = [message, gallery, images]
     ins = [*common, *lora_boxes, *strength_boxes]
-    gen_btn.click(on_generate, ins, outs)
-    compare_btn.click(on_compare, ins, outs)
-    sweep_btn.click(on_sweep, ins, outs)
-    grid_btn.click(on_grid, ins, outs)
+
+    def add_to_session(batch, kept):
+        """The last click's images join the session's (once: a failed click leaves the last batch as it was)."""
+        kept = list(kept or [])
+        if batch and not any(r.get("batch") == batch[0].get("batch") for r in kept[-len(batch):]):
+            kept += batch
+        dropped = max(0, len(kept) - SESSION_MAX)
+        kept = kept[dropped:]
+        return kept, session_text(kept, dropped)
+
+    for btn, fn in ((gen_btn, on_generate), (compare_btn, on_compare), (sweep_btn, on_sweep), (grid_btn, on_grid)):
+        btn.click(fn, ins, outs).then(add_to_session, [images, session], [session, session_info],
+                                      api_visibility="private")
+
+    def on_clear():
+        return [], "Started a new set: the images above stay on screen, the next export holds only what you make " \
+                   "from now on."
+
+    clear_btn.click(on_clear, None, [session, session_info], api_visibility="private")
 
     @guarded(2)
-    def on_export(pairs, text, l0, s0, sd, st, g, spec="tiny-demo", neg="", w=0, h=0, sch="euler_a"):
-        from trainer.bundle import export_bundle
-
-        from trainer.runs import safe_name
+    def on_export(kept, text, l0, s0, sd, st, g, spec="tiny-demo", neg="", w=0, h=0, sch="euler_a"):
+        from trainer.bundle import export_bundle, session_files
 
         from .uploads import check_space_quota
 
         lora = access.lora(ctx, l0) if l0 else None
-        text = prompts_for(text, l0)
-        if not pairs:
-            raise LoraLabError("Nothing to export yet.", "Generate or compare images first.")
-        check_space_quota(ctx, lora.stat().st_size if lora else 0, 1)
-        from trainer.comfy_workflow import api_workflow
+        if not kept:
+            raise LoraLabError("Nothing to export yet.", "Generate or compare images first: every image made on "
+                               "this page goes into the export.")
+        named, entries, loras = session_files(kept)
+        extra = [(p, n) for p, n in loras if p != lora]
+        check_space_quota(ctx, sum(p.stat().st_size for p in [lora, *(p for p, _ in extra)] if p and p.exists()), 1)
+        from trainer.comfy_workflow import workflow_api, workflow_ui
 
-        named = [(f"{i:02d}_{safe_name(cap.split(' · ')[0])}.png", img) for i, (img, cap) in enumerate(pairs)]
         out = ctx.workspace / "exports" / f"lora-lab-{time.strftime('%Y%m%d-%H%M%S')}.zip"
-        lines = [t for t in text.splitlines() if t.strip()]
-        model = ctx.models.get(access.base_model(ctx, spec)) if spec else None
-        size = model.default_resolution if model else 512
-        w, h = int(w or 0) or size, int(h or 0) or size
-        settings = {"base_model": spec, "sampler": sch, "width": w, "height": h, "steps": int(st), "guidance": float(g),
-                    "negative_prompt": neg or "", "seed": int(sd), "prompts": lines,
-                    "loras": [{"file": lora.name, "strength": float(s0)}] if lora else [], "lora_strength": s0}
-        workflow = api_workflow(spec, lines, neg, sd, st, g, w, h, sch, [(lora.name, float(s0))] if lora else [])
+        lines = list(dict.fromkeys(e["prompt"] for e in entries))
+        last = entries[-1]
+        settings = {"base_model": last["base_model"], "sampler": last["sampler"], "width": last["width"],
+                    "height": last["height"], "steps": last["steps"], "guidance": last["guidance"],
+                    "negative_prompt": last["negative_prompt"], "seed": last["seed"], "prompts": lines,
+                    "loras": [{"file": lora.name, "strength": float(s0)}] if lora else [], "lora_strength": s0,
+                    "images": entries}
+        api = workflow_api([{**e, "base": e["base_model"], "negative": e["negative_prompt"],
+                             "loras": [(x["file"], x["strength"]) for x in e["loras"]],
+                             "name": e["file"].removesuffix(".png")} for e in entries])
         export_bundle(out, named, lines, lora, _run_of(lora) if lora else None, settings,
-                      {"comfyui_workflow_api.json": workflow})
-        return f"Exported {out.name}.", str(out)
+                      {"comfyui_workflow_api.json": api, "comfyui_workflow.json": workflow_ui(api)}, extra)
+        return f"Exported {out.name}: {len(named)} images.", str(out)
 
-    export_btn.click(on_export, [images, prompts, lora_boxes[0], strength_boxes[0], seed, steps, guidance, base,
+    export_btn.click(on_export, [session, prompts, lora_boxes[0], strength_boxes[0], seed, steps, guidance, base,
                                  negative, width, height, scheduler], [message, export_file])
 
     @guarded(1 + SLOTS + 1)
@@ -229,7 +317,7 @@ def build(ctx):
 
         if not l0:
             raise LoraLabError("No LoRA picked.", "Pick the LoRA to share in slot 1.")
-        url = push_lora(access.lora(ctx, l0), rep, tok, [img for img, _ in (pairs or [])][:4])
+        url = push_lora(access.lora(ctx, l0), rep, tok, [r["image"] for r in (pairs or [])][:4])
         return f"Pushed: {url}"
 
     push_btn.click(on_push, [repo, token, lora_boxes[0], images], push_msg)

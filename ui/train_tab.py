@@ -1,6 +1,7 @@
 """Train tab: presets and every option, a summary before starting, the live run, and the run history."""
 from __future__ import annotations
 
+import math
 import time
 
 import gradio as gr
@@ -13,7 +14,8 @@ from trainer.runs import delete_run, list_runs
 from . import access
 from .config_form import build_form, config_to_values, form_to_config
 from .errors import guarded, message
-from .live_panel import STATE_ICON, history_update, live_update, loss_frame, sample_items, streamed
+from .live_panel import (STATE_ICON, history_update, live_update, loss_frame, sample_items, session_of, streamed,
+                         watching)
 
 
 def started_message(ctx, run) -> str:
@@ -32,7 +34,7 @@ def history_rows(ws) -> list[list]:
         loss = st.get("last_loss")
         rows.append([run.name, STATE_ICON.get(st.get("state"), st.get("state", "?")),
                      f"{st.get('step', 0)}/{st.get('total_steps', '?')}",
-                     f"{loss:.4f}" if isinstance(loss, (int, float)) else "—", when])
+                     f"{loss:.4f}" if isinstance(loss, (int, float)) and math.isfinite(loss) else "—", when])
     return rows
 
 
@@ -70,6 +72,7 @@ def build(ctx, data):
         stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop")
         save_btn = gr.Button("Save now", elem_id="train-save-now")
         sample_btn = gr.Button("Sample now", elem_id="train-sample-now")
+    follow_btn = gr.Button("Show the run going now", visible=False, size="sm", elem_id="live-follow")
     message_box = gr.Markdown(elem_id="train-message")
     progress = gr.HTML(elem_id="train-progress")
     with gr.Row():
@@ -128,13 +131,14 @@ def build(ctx, data):
     check_btn.click(on_check, [*fields, *ds_inputs], summary)
 
     @guarded(2)
-    def on_start(*args):
+    def on_start(request: gr.Request, *args):
         cfg = current(list(args[:len(keys)]), dataset_values(*args[len(keys):]))
         if not cfg.dataset.source:
             return "⚠️ No dataset: load one in the Dataset tab first.", gr.skip()
         access.check_config(ctx, cfg)
         access.may_queue(ctx)
         run = ctx.jobs.start(cfg, ctx.workspace)
+        watch(request, run.name, unless_going=True)  # the panel follows it, unless it shows one still going
         return started_message(ctx, run), history_rows(ctx.workspace)
 
     history = gr.Dataframe(headers=["run", "state", "steps", "last loss", "started"], label="Runs",
@@ -147,12 +151,34 @@ def build(ctx, data):
             if mine is None:
                 return "No run of yours is going."
             action(mine.run)
-            return said
+            return said.format(name=mine.run.name)
         return handler
 
-    stop_btn.click(command(ctx.jobs.stop, "Stopping after this step…"), None, message_box)
-    save_btn.click(command(ctx.jobs.save_now, "A checkpoint will be saved after this step."), None, message_box)
-    sample_btn.click(command(ctx.jobs.sample_now, "Samples will be made after this step."), None, message_box)
+    stop_btn.click(command(ctx.jobs.stop, "Stopping **{name}** after this step…"), None, message_box)
+    save_btn.click(command(ctx.jobs.save_now, "**{name}**: a checkpoint will be saved after this step."), None,
+                   message_box)
+    sample_btn.click(command(ctx.jobs.sample_now, "**{name}**: samples will be made after this step."), None,
+                     message_box)
+
+    def watch(request, name: str, unless_going: bool = False) -> None:
+        session = session_of(request)
+        if not session:
+            return
+        if unless_going and watching.live.get(session):
+            try:
+                shown = access.run(ctx, watching.live[session])
+                if any(s.run.path == shown.path for s in ctx.jobs.runs_in(ctx.workspace)):
+                    return  # it says when the new run starts; *Show the run going now* follows it
+            except LoraLabError:
+                pass
+        watching.live[session] = name
+
+    def on_follow(request: gr.Request):
+        mine = ctx.my_slot()
+        if mine:
+            watch(request, mine.run.name)
+
+    follow_btn.click(on_follow, None, None, api_visibility="private")
 
     # Once after the page opens: a refreshed or second tab shows the settings of the run its live panel
     # shows — the one going, else the newest (which may have finished while the page reloaded).
@@ -188,24 +214,22 @@ def build(ctx, data):
 
     refresh_btn.click(refresh, None, [history, pick])
 
-    def look(last):
-        """One look at this user's run and at the run history: (what to send, what the page now has)."""
-        last_live, last_history = last or (None, None)
-        mine = ctx.my_slot()
+    def shown_run(session, mine):
+        """The run this page's live panel shows: the one it showed before while it exists, else the one
+        going (or waiting), else the newest; it is kept for this page from then on."""
+        name = watching.live.get(session) if session else None
+        if name:
+            try:
+                return access.run(ctx, name)
+            except LoraLabError:  # deleted, or no longer this caller's: show the default
+                watching.live.pop(session, None)
         run = mine.run if mine else next(iter(list_runs(ctx.workspace)), None)
-        latest = dict(mine.latest) if mine else {}
-        if mine and ctx.jobs.position(mine.run):
-            latest.update(position=ctx.jobs.position(mine.run), waiting=ctx.jobs.queue_length())
-        *live, shown = live_update(run, latest, last_live)
-        *hist, known = history_update(history_rows(ctx.workspace), last_history)
-        return [*live, *hist], (shown, known)
+        if run is not None and session:
+            watching.live[session] = run.name
+        return run
 
-    # One stream per open page, started when it loads, instead of timers: each timer tick costs the
-    # browser a whole Gradio event (~0.1 s of CPU in a page this size), a pushed update only its outputs.
-    gr.on(None, streamed(look), None, [progress, loss_plot, lr_plot, log, samples, history, pick],
-          show_progress="hidden", concurrency_limit=None, api_visibility="private")
-
-    def open_run(name):
+    def opened_view(name):
+        """(message, config, loss plot, samples, LoRA file) of a run opened in the history."""
         try:
             run = access.run(ctx, name)
         except LoraLabError as e:
@@ -218,14 +242,70 @@ def build(ctx, data):
         return (info, run.config_path.read_text(), loss_frame(run.metrics()), sample_items(run),
                 str(lora) if lora and lora.exists() else None)
 
+    def opened_update(session, last):
+        """The opened history entry again when its run changed state or made samples (it may have been
+        opened while running or stopped and have finished since); else nothing."""
+        name = watching.opened.get(session) if session else None
+        if not name:
+            return [gr.skip()] * 5, None
+        try:
+            run = access.run(ctx, name)
+        except LoraLabError:
+            return [gr.skip()] * 5, None
+        st = run.status()
+        key = [name, st.get("state"), len(run.samples())]
+        if last is None or last[0] != name:  # just opened: open_run drew it
+            return [gr.skip()] * 5, key + [st.get("step")]
+        if key == last[:3]:
+            if st.get("step") != last[3]:  # still training: the step in its line
+                return [opened_view(name)[0]] + [gr.skip()] * 4, key + [st.get("step")]
+            return [gr.skip()] * 5, last
+        return list(opened_view(name)), key + [st.get("step")]
+
+    def look(last, session=None):
+        """One look at the run this page shows, the run history and the opened entry: (what to send,
+        what the page now has)."""
+        last_live, last_history, last_opened, last_other = last or (None, None, None, None)
+        mine = ctx.my_slot()
+        run = shown_run(session, mine)
+        slot = next((s for s in ctx.jobs.runs_in(ctx.workspace) if run and s.run.path == run.path), None)
+        latest = dict(slot.latest) if slot else {}
+        if slot and ctx.jobs.position(slot.run):
+            latest.update(position=ctx.jobs.position(slot.run), waiting=ctx.jobs.queue_length())
+        other = None
+        if run is not None and mine is not None and mine.run.path != run.path:
+            other = (mine.run.name, "waiting for a device" if ctx.jobs.position(mine.run) else "running")
+            latest.update(other=other)
+        *live, shown = live_update(run, latest, last_live)
+        *hist, known = history_update(history_rows(ctx.workspace), last_history)
+        opened, opened_state = opened_update(session, last_opened)
+        follow = gr.update(visible=bool(other)) if bool(other) != bool(last_other) or last is None else gr.skip()
+        return [*live, *hist, follow, *opened], (shown, known, opened_state, other)
+
+    # One stream per open page, started when it loads, instead of timers: each timer tick costs the
+    # browser a whole Gradio event (~0.1 s of CPU in a page this size), a pushed update only its outputs.
+    gr.on(None, streamed(look), None, [progress, loss_plot, lr_plot, log, samples, history, pick, follow_btn,
+                                      history_msg, h_config, h_plot, h_samples, h_file],
+          show_progress="hidden", concurrency_limit=None, api_visibility="private")
+
+    def open_run(name, request: gr.Request = None):
+        session = session_of(request)
+        if session:
+            if name:
+                watching.opened[session] = name
+            else:
+                watching.opened.pop(session, None)
+        return opened_view(name)
+
     pick.change(open_run, pick, [history_msg, h_config, h_plot, h_samples, h_file])
 
-    def on_resume(name):
+    def on_resume(name, request: gr.Request = None):
         try:
             run = access.run(ctx, name)
             if not ctx.jobs.slot_for(run):  # (resuming one already going says so itself)
                 access.may_queue(ctx)
             run = ctx.jobs.resume(run.path)
+            watch(request, run.name)
             pos = ctx.jobs.position(run)
             return f"Resumed **{run.name}**." + (f" It waits as number {pos} for a device." if pos else "")
         except Exception as e:
