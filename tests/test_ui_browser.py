@@ -12,10 +12,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from app_server import ROOT, AppServer
 from tiny_captioners import make_tiny_blip
 from trainer.data.demo import make_demo_dataset
+from trainer.demo.classify import classify
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = ROOT / "docs" / "screenshots"
@@ -111,13 +113,12 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     assert (data / "003.txt").read_text().endswith(", flat")
     page.screenshot(path=str(SHOTS / "caption.png"), full_page=True)
 
-    # Train: the CPU demo preset, 40 steps, samples and checkpoints every 8.
+    # Train: the CPU demo preset (150 steps), samples and checkpoints every 25.
     page.get_by_role("tab", name="3 · Train").click()
     pick(page, "train-preset", "cpu-demo")
-    wait_for(lambda: page.locator("#cfg-train-steps input[type=number]").input_value() == "60", 20, what="preset")
-    set_number(page, "cfg-train-steps", 40)
-    set_number(page, "cfg-save-every-n-steps", 8)
-    set_number(page, "cfg-sample-every-n-steps", 8)
+    wait_for(lambda: page.locator("#cfg-train-steps input[type=number]").input_value() == "150", 20, what="preset")
+    set_number(page, "cfg-save-every-n-steps", 25)
+    set_number(page, "cfg-sample-every-n-steps", 25)
     page.locator("#cfg-name textarea, #cfg-name input").first.fill("browser run")
     page.click("#train-start")
     wait_for(lambda: "Started" in page.inner_text("#train-message"), 30, what="start")
@@ -125,7 +126,7 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
              what=lambda: f"steps: {page.inner_text('#train-progress')!r} {page.inner_text('#train-message')!r}")
     wait_for(lambda: page.locator("#loss-plot path").count() > 0, 30, what="loss points")
     wait_for(lambda: page.locator("#train-samples img").count() >= 1, 60, what="a sample image")
-    wait_for(lambda: "step 8 · " in page.inner_text("#train-samples"), 30, what="samples labelled with their step")
+    wait_for(lambda: "step 25 · " in page.inner_text("#train-samples"), 60, what="samples labelled with their step")
     page.click("#train-save-now")
     wait_for(lambda: "Save now: checkpoint saved at step" in page.locator("#train-log textarea").input_value(), 60,
              what="Save now in the log")
@@ -133,7 +134,7 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     page.click("#train-stop")
     state, stopped_at = wait_for(lambda: progress(page) if progress(page)[0] == "stopped" else None, 60,
                                  what="stopped state")
-    assert stopped_at < 40
+    assert stopped_at < 150
     run = server.workspace / "runs" / "browser-run"
     assert (run / "checkpoints" / f"step-{stopped_at:06d}").exists()
 
@@ -150,19 +151,19 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     wait_for(lambda: progress(page)[0] in ("running", "completed") and progress(page)[1] > stopped_at, 30,
              what="re-attached progress")
     wait_for(lambda: page.locator("#loss-plot path").count() > 0, 30, what="full loss history after refresh")
-    wait_for(lambda: page.locator("#cfg-train-steps input[type=number]").input_value() == "40", 20,
+    wait_for(lambda: page.locator("#cfg-train-steps input[type=number]").input_value() == "150", 20,
              what="the running run's settings in the form after refresh")
     wait_for(lambda: progress(page)[0] == "completed", 180, what="completed run")
     page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 41))
+    assert steps == list(range(1, 151))
 
     # Test: compare with the base model from the same seed, then export the zip.
     # Opening the tab offers the new LoRA first, named with its family and step; with the prompt box
     # left empty, Compare uses the run's own sample prompts.
     page.get_by_role("tab", name="4 · Test").click()
     lora_box = page.locator("#test-lora-0 input")
-    wait_for(lambda: "browser-run.safetensors (SD 1.x, step 40)" in lora_box.input_value(), 30,
+    wait_for(lambda: "browser-run.safetensors (SD 1.x, step 150)" in lora_box.input_value(), 30,
              what=lambda: f"the new LoRA in slot 1, not {lora_box.input_value()!r}")
     page.click("#test-compare")
     wait_for(lambda: "with LoRA · " in page.inner_text("#test-gallery"), 120, what="a comparison from the run's prompts")
@@ -182,6 +183,12 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
             "comfyui_workflow_api.json", "comfyui_workflow.json"} <= set(names)
     images = sorted(n for n in names if n.startswith("images/"))  # every image of the session, not the last click's
     assert len(images) == 6 and images[-1] == "images/005_lablora-a-cross-on-a-black-background_with-LoRA.png", images
+    # What the pictures show: the base model draws each shape in a colour of its own, the LoRA in the
+    # demo dataset's pink (judged by the pixel classifier; README "The demo model").
+    drawn = {n: classify(Image.open(z.open(n)), with_concept=True)["color"] for n in images}
+    base_pink = [n for n, c in drawn.items() if n.endswith("_base.png") and c == "pink"]
+    lora_pink = [n for n, c in drawn.items() if n.endswith("_with-LoRA.png") and c == "pink"]
+    assert not base_pink and len(lora_pink) >= 2, drawn
     settings = json.loads(z.read("settings.json"))
     assert [e["file"] for e in settings["images"]] == [n.removeprefix("images/") for n in images]
     assert settings["images"][-1]["loras"] == [{"file": "browser-run.safetensors", "strength": 1.0}]

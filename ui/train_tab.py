@@ -104,7 +104,10 @@ def build(ctx, data):
     def on_save_preset(name, desc, *args):
         from trainer.config import save_preset
 
+        from .uploads import check_space_quota
+
         cfg = current(list(args[:len(keys)]), dataset_values(*args[len(keys):]))
+        check_space_quota(ctx, 8192, 1)  # a Space visitor's presets count towards what they may keep
         save_preset(cfg, own(), name, desc)  # the name is checked there: letters, digits, ' ', '-', '_', '.'
         # The dropdown's value stays: picking the new preset would fill the form with what it already holds.
         return (f"Saved preset **{name.strip()}**: pick it under Preset in a later session (the CLI: "

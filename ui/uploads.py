@@ -191,7 +191,7 @@ def _check_totals(ctx, entries: list[_Entry]) -> None:
 
 
 def check_space_quota(ctx, size: int, n: int) -> None:
-    """Space mode: what a visitor keeps (datasets, uploaded LoRAs, export zips) plus `n` files of `size`
+    """Space mode: what a visitor keeps (datasets, uploaded LoRAs, export zips, presets) plus `n` files of `size`
     bytes stays within the demo's total per visitor."""
     if not ctx.space:
         return
@@ -199,7 +199,8 @@ def check_space_quota(ctx, size: int, n: int) -> None:
 
     disk_room(ctx)
     max_bytes, max_files = space_limits()
-    used, used_n = map(sum, zip(*(_usage(ctx.workspace / sub) for sub in ("datasets", "loras", "exports"))))
+    kept = ("datasets", "loras", "exports", "presets")
+    used, used_n = map(sum, zip(*(_usage(ctx.workspace / sub) for sub in kept)))
     if used + size > max_bytes or used_n + n > max_files:
         raise LoraLabError(
             f"This demo keeps at most {_mb(max_bytes)} and {max_files:,} files of uploads per visitor: yours hold "

@@ -37,6 +37,22 @@ def adapter_at(cfg, checkpoint: Path):
     return model
 
 
+_BASE: dict = {}
+
+
+def base_share(cfg) -> float:
+    """The concept share of the base model alone (step 0), measured once."""
+    if cfg.model.base not in _BASE:
+        from trainer.demo.evaluate import concept_cases, concept_share
+        from trainer.models.load import load_base
+        from trainer.sampling import generate
+
+        model = load_base(cfg.model.base)
+        _BASE[cfg.model.base] = concept_share([img for prompt, seed in concept_cases(12) for img in generate(
+            model, [prompt], seed=seed, steps=20, guidance_scale=cfg.sample.guidance_scale)])
+    return _BASE[cfg.model.base]
+
+
 def curve(algorithm: str, steps: int, every: int, data: Path, work: Path, over: dict | None = None
           ) -> tuple[list[tuple[int, float]], float]:
     from trainer.checkpoint import _dirs
@@ -54,7 +70,7 @@ def curve(algorithm: str, steps: int, every: int, data: Path, work: Path, over: 
     t = time.perf_counter()
     run = run_job(cfg, work)
     took = time.perf_counter() - t
-    points = [(0, None)]
+    points = [(0, base_share(cfg))]
     for ck in _dirs(run.checkpoints_dir):
         model = adapter_at(cfg, ck)
         images = [img for prompt, seed in concept_cases(12)

@@ -264,6 +264,11 @@ def load_hf(source: str, split: str, image_column: str, caption_column: str) -> 
     return Dataset(items=items, problems=problems, layout="Hugging Face dataset")
 
 
+def is_hub_id(source: str) -> bool:
+    """`owner/name` that is not a path on this machine (a Hugging Face dataset to download)."""
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).expanduser().exists()
+
+
 def load_dataset_source(source: str, split: str = "train", image_column: str = "image",
                         caption_column: str = "text", caption_ext: str = ".txt") -> Dataset:
     if not source:
@@ -273,7 +278,7 @@ def load_dataset_source(source: str, split: str = "train", image_column: str = "
         return scan_folder(path, caption_ext)
     if path.exists() or _is_hf_local(path):
         return load_hf(str(path), split, image_column, caption_column)
-    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+    if is_hub_id(source):
         return load_hf(source, split, image_column, caption_column)
     raise LoraLabError(f"Dataset '{source}' was not found.", "Give an existing folder or a hub id like owner/name.")
 
@@ -305,9 +310,8 @@ def check_dataset(cfg) -> None:
     (it may have to download)."""
     d = cfg.dataset
     path = Path(d.source).expanduser() if d.source else None
-    if path is None or not path.exists():
-        if d.source and d.source.count("/") == 1 and not d.source.startswith((".", "/", "~")):
-            return
+    if (path is None or not path.exists()) and d.source and is_hub_id(d.source):
+        return
     ds = load_dataset_source(d.source, d.split, d.image_column, d.caption_column, d.caption_extension)
     if not ds.items:
         raise LoraLabError(f"The dataset {d.source} has no images that can be used.",
