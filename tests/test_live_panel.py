@@ -75,3 +75,17 @@ def test_progress_shows_gpu_memory_and_the_training_peak():
     html = progress_html(st, {"speed": 2.0, "eta": 30, "memory": 2.5 * 1024**3, "peak_memory": 3.25 * 1024**3})
     assert "2.00 steps/s" in html and "GPU memory 2.5 GB (peak 3.2 GB)" in html
     assert "GPU memory" not in progress_html(st, {"speed": 2.0, "eta": 30})  # a CPU run has none
+
+
+def test_the_test_tab_counts_images_across_the_calls_of_one_click():
+    """A comparison makes the LoRA images, then the base ones: the progress bar counts on, "k of N"."""
+    from ui.test_tab import ImageCounter
+
+    seen = []
+    counter = ImageCounter(lambda fraction, desc: seen.append((round(fraction, 2), desc)), 4)
+    for _ in range(2):  # two generate() calls of two prompts each
+        report = counter.next_batch()
+        for i in range(2):
+            report(i, 2)
+    assert seen == [(0.0, "making image 1 of 4"), (0.25, "making image 2 of 4"), (0.5, "making image 3 of 4"),
+                    (0.75, "making image 4 of 4")]

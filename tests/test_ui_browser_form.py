@@ -18,9 +18,8 @@ def server(tmp_path_factory):
     s.stop()
 
 
-def test_form_problems_show_in_place_and_settings_can_be_kept_and_reused(server, browser, tmp_path):
-    data = make_demo_dataset(tmp_path / "pink", count=4)
-    run_job(tiny_config(data, name="last week", **{"train.steps": 3, "network.rank": 8}), server.workspace)
+def train_tab_with(browser, server, data):
+    """A new page with `data` (4 images) loaded and the Train tab open on the cpu-demo preset."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(server.url)
     page.fill("#dataset-source textarea, #dataset-source input", str(data))
@@ -29,6 +28,13 @@ def test_form_problems_show_in_place_and_settings_can_be_kept_and_reused(server,
     page.get_by_role("tab", name="3 · Train").click()
     pick(page, "train-preset", "cpu-demo")
     wait_for(lambda: "cpu-demo" in page.inner_text("#train-preset-info"), 20, what="preset")
+    return page
+
+
+def test_form_problems_show_in_place_and_settings_can_be_kept_and_reused(server, browser, tmp_path):
+    data = make_demo_dataset(tmp_path / "pink", count=4)
+    run_job(tiny_config(data, name="last week", **{"train.steps": 3, "network.rank": 8}), server.workspace)
+    page = train_tab_with(browser, server, data)
 
     # A number out of range: the message names the field and its range; the run table stays as it was.
     set_number(page, "cfg-train-steps", 0)
@@ -77,14 +83,7 @@ def test_the_live_panel_stays_on_its_run_and_an_opened_run_follows_its_state(ser
     """A queued run starting does not pull the live panel away from the run it shows: the panel says so
     and follows only when asked; a run opened in the history shows its new state when it ends."""
     data = make_demo_dataset(tmp_path / "views", count=4)
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(server.url)
-    page.fill("#dataset-source textarea, #dataset-source input", str(data))
-    page.click("#dataset-load")
-    wait_for(lambda: "4 images" in page.inner_text("#dataset-counts"), 60, what="dataset counts")
-    page.get_by_role("tab", name="3 · Train").click()
-    pick(page, "train-preset", "cpu-demo")
-    wait_for(lambda: "cpu-demo" in page.inner_text("#train-preset-info"), 20, what="preset")
+    page = train_tab_with(browser, server, data)
     set_number(page, "cfg-train-steps", 5000)
     page.fill("#cfg-sample-prompts textarea", "")
 
