@@ -26,6 +26,8 @@ def session_text(kept: list[dict], dropped: int = 0) -> str:
     if dropped:
         text += f" The oldest {dropped} dropped out (at most {SESSION_MAX} are kept): export more often."
     return text
+
+
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
