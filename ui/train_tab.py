@@ -218,18 +218,19 @@ def build(ctx, data):
     refresh_btn.click(refresh, None, [history, pick])
 
     def shown_run(session, mine):
-        """The run this page's live panel shows: the one it showed before while it exists, else the one
-        going (or waiting), else the newest; it is kept for this page from then on."""
+        """The run this page's live panel shows: the one it followed before while it exists, else the one
+        going (or waiting), else the newest. A run seen going is kept for this page from then on (so it
+        stays in view after it ends); a finished run shown only because it is the newest is not, and
+        the next run that starts takes its place."""
         name = watching.live.get(session) if session else None
         if name:
             try:
                 return access.run(ctx, name)
             except LoraLabError:  # deleted, or no longer this caller's: show the default
                 watching.live.pop(session, None)
-        run = mine.run if mine else next(iter(list_runs(ctx.workspace)), None)
-        if run is not None and session:
-            watching.live[session] = run.name
-        return run
+        if mine is not None and session:
+            watching.live[session] = mine.run.name
+        return mine.run if mine else next(iter(list_runs(ctx.workspace)), None)
 
     def opened_view(name):
         """(message, config, loss plot, samples, LoRA file) of a run opened in the history."""
