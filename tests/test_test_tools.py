@@ -58,10 +58,11 @@ def test_hub_push_offline_is_a_clear_message_and_the_token_goes_nowhere(finished
 
 
 def test_the_comfyui_workflow_chains_base_lora_prompts_and_sampler_settings():
-    from trainer.comfy_workflow import api_workflow
+    from trainer.comfy_workflow import workflow_api
 
-    g = api_workflow("/models/v1-5.safetensors", ["lablora, a circle", "lablora, a cross"], "blurry", 7, 20, 5.0,
-                     64, 64, "euler_a", [("runs/x/x.safetensors", 0.8)])
+    g = workflow_api([{"base": "/models/v1-5.safetensors", "prompt": p, "negative": "blurry", "seed": 7, "steps": 20,
+                       "guidance": 5.0, "width": 64, "height": 64, "sampler": "euler_a",
+                       "loras": [("runs/x/x.safetensors", 0.8)]} for p in ["lablora, a circle", "lablora, a cross"]])
     kinds = [n["class_type"] for n in g.values()]
     assert kinds.count("KSampler") == 2 and kinds.count("SaveImage") == 2 and kinds.count("LoraLoader") == 1
     for node in g.values():  # every link names an existing node and one of its outputs

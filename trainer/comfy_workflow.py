@@ -76,14 +76,6 @@ def workflow_api(images: list[dict]) -> dict:
     return g
 
 
-def api_workflow(base: str, prompts: list[str], negative: str, seed: int, steps: int, guidance: float,
-                 width: int, height: int, sampler: str, loras: list[tuple[str, float]]) -> dict:
-    """One batch of prompts with the same settings (see workflow_api)."""
-    return workflow_api([{"base": base, "prompt": p, "negative": negative, "seed": seed, "steps": steps,
-                          "guidance": guidance, "width": width, "height": height, "sampler": sampler,
-                          "loras": loras, "name": f"lora-lab_{i:02d}"} for i, p in enumerate(prompts)])
-
-
 def workflow_ui(api: dict) -> dict:
     """The same graph in ComfyUI's UI (canvas) format: nodes laid out left to right by kind, one row
     per image, with numbered links."""
@@ -113,7 +105,8 @@ def workflow_ui(api: dict) -> dict:
         for w in widgets:
             values.append("fixed" if w == "control_after_generate" else spec["inputs"][w])
         nodes.append({
-            "id": n, "type": kind, "pos": [40 + 380 * col, 40 + 300 * row], "size": [340, 260 if kind == "KSampler" else 120],
+            "id": n, "type": kind, "pos": [40 + 380 * col, 40 + 300 * row],
+            "size": [340, 260 if kind == "KSampler" else 120],
             "flags": {}, "order": order, "mode": 0, "inputs": inputs_of[n],
             "outputs": [{"name": name, "type": typ, "links": outputs_links.get((n, slot), []), "slot_index": slot}
                         for slot, (name, typ) in enumerate(outs)],

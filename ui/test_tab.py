@@ -254,6 +254,8 @@ def build(ctx):
 
     @guarded(2)
     def on_export(kept, text, l0, s0, sd, st, g, spec="tiny-demo", neg="", w=0, h=0, sch="euler_a"):
+        """Every image of the session, each with the settings that made it (kept in `kept`); of the form,
+        only LoRA 1 and its strength are used. The other inputs stay so that /on_export keeps its API."""
         from trainer.bundle import export_bundle, session_files
 
         from .uploads import check_space_quota
