@@ -5,47 +5,12 @@ scripts/convert_diffusers_to_original_stable_diffusion.py, generalised to any bl
 tiny test models can be written this way.
 """
 
-RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
-          ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
+from trainer.ldm_names import block_pairs, to_ldm
 
 
 def unet_to_ldm(unet) -> dict:
-    cfg = unet.config
-    n, L = len(cfg.block_out_channels), cfg.layers_per_block
-    whole = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
-             ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
-             ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")]
-    layers = []
-    for i in range(n):
-        down_attn = "CrossAttn" in cfg.down_block_types[i]
-        up_attn = "CrossAttn" in cfg.up_block_types[i]
-        for j in range(L):
-            layers.append((f"input_blocks.{(L + 1) * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."))
-            if down_attn:
-                layers.append((f"input_blocks.{(L + 1) * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
-        for j in range(L + 1):
-            layers.append((f"output_blocks.{(L + 1) * i + j}.0.", f"up_blocks.{i}.resnets.{j}."))
-            if up_attn:
-                layers.append((f"output_blocks.{(L + 1) * i + j}.1.", f"up_blocks.{i}.attentions.{j}."))
-        if i < n - 1:
-            layers.append((f"input_blocks.{(L + 1) * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
-            layers.append((f"output_blocks.{(L + 1) * i + L}.{2 if up_attn else 1}.", f"up_blocks.{i}.upsamplers.0."))
-    layers.append(("middle_block.1.", "mid_block.attentions.0."))
-    for j in range(2):
-        layers.append((f"middle_block.{2 * j}.", f"mid_block.resnets.{j}."))
-    out = {}
-    for k, v in unet.state_dict().items():
-        new = k
-        for sd, hf in whole:
-            if new.startswith(hf):
-                new = sd + new[len(hf):]
-        if "resnets" in new:
-            for sd, hf in RESNET:
-                new = new.replace(hf, sd)
-        for sd, hf in layers:
-            new = new.replace(hf, sd)
-        out["model.diffusion_model." + new] = v
-    return out
+    pairs = block_pairs(unet.config)
+    return {"model.diffusion_model." + to_ldm(k, pairs): v for k, v in unet.state_dict().items()}
 
 
 def vae_to_ldm(vae) -> dict:

@@ -42,13 +42,15 @@ def test_each_adapter_learns_and_its_file_reloads_to_the_trained_output(algorith
     assert not torch.allclose(unet_output(base.unet, base), expect, atol=1e-4)
 
 
-@pytest.mark.parametrize("algorithm", ["lora", "dora"])
-def test_diffusers_load_lora_weights_reproduces_the_trained_model(algorithm, demo_dir, tmp_path):
+@pytest.mark.parametrize("algorithm,targets", [("lora", "attention"), ("dora", "attention"), ("lora", "all"),
+                                               ("dora", "all")])
+def test_diffusers_load_lora_weights_reproduces_the_trained_model(algorithm, targets, demo_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from trainer.models.tiny import build_tiny
 
     cfg = tiny_config(demo_dir, name="ext", **{"network.algorithm": algorithm, "network.rank": 4,
+                      "network.targets": targets,
                       "network.alpha": 1.5, "network.train_text_encoder": True, "train.steps": 6,
                       "train.learning_rate": 1e-2})
     run = run_job(cfg, tmp_path)

@@ -13,6 +13,7 @@ import torch
 
 from .errors import LoraLabError
 from .export import BASE_VERSION, kohya_key, named_parts
+from .lora_formats import canonical, layout
 
 FAMILY_OF_VERSION = {v: k for k, v in BASE_VERSION.items()}
 
@@ -27,16 +28,34 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise LoraLabError(f"{path.name} is not a .safetensors LoRA file.", "Pick a .safetensors file.")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
     except Exception as e:  # safetensors has its own error types for damaged files
         raise LoraLabError(f"{path.name} is not a readable .safetensors file ({e}).", "Download or export it again.")
+    return tensors, {**_peft_folder_config(path), **meta}
+
+
+def _peft_folder_config(path: Path) -> dict[str, str]:
+    """peft's `save_pretrained` keeps the alpha in adapter_config.json beside the weights: read it as
+    diffusers' `lora_adapter_metadata` (the same LoraConfig fields, per model part)."""
+    config = path.parent / "adapter_config.json"
+    if not config.is_file():
+        return {}
+    try:
+        fields = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"lora_adapter_metadata": json.dumps({f"{part}.{k}": v for part in ("unet", "text_encoder", "text_encoder_2")
+                                                 for k, v in fields.items()})}
+
+
+PATCHABLE = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 
 def _module_map(model) -> dict[str, torch.nn.Module]:
     out = {}
     for prefix, root in named_parts(model):
         for name, mod in root.named_modules():
-            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            if isinstance(mod, PATCHABLE):
                 out[kohya_key(prefix, name)] = mod
     return out
 
@@ -61,9 +80,7 @@ def delta_weight(p: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tens
         scale = p["alpha"].item() / rank if "alpha" in p else 1.0
         delta = (up.flatten(1) @ down.flatten(1)).reshape(shape) * scale
         if "dora_scale" in p:
-            merged = w + delta
-            norm = merged.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
-            return p["dora_scale"].reshape(norm.shape) * merged / norm - w
+            return _dora(p["dora_scale"], w, delta)
         return delta
     if "hada_w1_a" in p:
         rank = p["hada_w1_b"].shape[0]
@@ -82,8 +99,32 @@ def delta_weight(p: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tens
                 w2.unsqueeze(2).unsqueeze(3)
         k = torch.kron(w1.reshape(*w1.shape, *([1] * (w2.dim() - 2))), w2)
         return k.reshape(shape) * scale
-    raise LoraLabError(f"Unknown adapter layout with keys {sorted(p)}.",
-                       "LoRA Lab reads kohya LoRA/DoRA and LyCORIS LoHa/LoKr/diff files.")
+    raise LoraLabError(f"LoRA Lab cannot compute this layer kind yet (keys {sorted(p)}).",
+                       "LoRA Lab reads LoRA, DoRA, LoHa, LoKr and full (diff) layers; LyCORIS OFT blocks, "
+                       "Tucker-decomposed LoCon (lora_mid) and GLoRA are not supported.")
+
+
+def _dora(scale: torch.Tensor, w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """DoRA: the merged weight, rescaled to the trained magnitude per output channel (peft, LyCORIS
+    `wd_on_out`; magnitude shaped (out[, 1, 1, 1])) or per input channel (LyCORIS' other axis, (1, in[, 1, 1]))."""
+    merged = w + delta
+    if scale.dim() == 1 or (scale.shape[0] == w.shape[0] and scale.shape[0] != 1):
+        norm = merged.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
+    else:
+        norm = merged.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(1, w.shape[1], *[1] * (w.dim() - 2))
+    return scale.reshape(norm.shape) * merged / norm - w
+
+
+def layer_change(p: dict[str, torch.Tensor], mod: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{"weight": Δ, "bias": Δ} one file entry makes to a layer at strength 1 (ComfyUI files carry `diff_b`)."""
+    out = {}
+    if set(p) - {"diff_b", "alpha"}:
+        out["weight"] = delta_weight(p, mod.weight.data)
+    if "diff_b" in p:
+        if mod.bias is None:
+            raise RuntimeError("the layer has no bias")
+        out["bias"] = p["diff_b"].reshape(mod.bias.shape)
+    return out
 
 
 class AppliedLoras:
@@ -104,38 +145,41 @@ class AppliedLoras:
         modules = self._modules
         model = self.model
         tensors, meta = read_lora(path)
+        tensors, kind = canonical(tensors, meta, model)
         groups = _group(tensors)
         matched = [g for g in groups if g in modules]
-        deltas = {}
+        changes = {}
         for name in matched:
             try:
-                deltas[name] = delta_weight(groups[name], modules[name].weight.data)
+                changes[name] = layer_change(groups[name], modules[name])
             except RuntimeError:  # a layer of the same name but another shape: another family
                 pass
-        if len(deltas) < max(1, len(groups) // 2) or len(deltas) < len(matched):
+        if len(changes) < max(1, len(groups) // 2) or len(changes) < len(matched):
             made_for = FAMILY_OF_VERSION.get(meta.get("ss_base_model_version", ""), "another model")
             raise LoraLabError(
                 f"{Path(path).name} does not fit this {model.family} base model "
-                f"({len(deltas)} of {len(groups)} layers fit; it was made for {made_for}).",
+                f"({len(changes)} of {len(groups)} layers fit; a {kind} file made for {made_for}).",
                 f"Pick a {model.family} LoRA, or the base model family the LoRA was trained on.")
-        for name, delta in deltas.items():
+        for name, change in changes.items():
             mod = modules[name]
-            if name not in self.saved:
-                self.saved[name] = mod.weight.data.clone()
-            mod.weight.data = (mod.weight.data.float() + strength * delta.to(mod.weight.device)).to(mod.weight.dtype)
+            for attr, delta in change.items():
+                param = getattr(mod, attr)
+                self.saved.setdefault((name, attr), param.data.clone())
+                param.data = (param.data.float() + strength * delta.to(param.device)).to(param.dtype)
 
     def remove(self) -> None:
-        for name, w in self.saved.items():
-            self._modules[name].weight.data = w
+        for (name, attr), w in self.saved.items():
+            getattr(self._modules[name], attr).data = w
         self.saved.clear()
 
 
 def lora_info(path: Path) -> dict:
     """What a user wants to know of a LoRA file before using it."""
     tensors, meta = read_lora(path)
-    kinds = {"lora_down.weight": "LoRA", "hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "diff": "diff"}
+    kinds = {"lora_down.weight": "LoRA", "lora_A.weight": "LoRA", "lora.down.weight": "LoRA", "hada_w1_a": "LoHa",
+             "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "diff": "diff", "oft_blocks": "OFT"}
     found = {kinds[s] for k in tensors for s in kinds if k.endswith("." + s)}
-    if any(k.endswith(".dora_scale") for k in tensors):
+    if any(k.endswith((".dora_scale", ".lora_magnitude_vector", ".lora_magnitude_vector.weight")) for k in tensors):
         found = {"DoRA"}
     cfg = meta.get("lora_lab_config")
     return {"family": FAMILY_OF_VERSION.get(meta.get("ss_base_model_version", ""), "unknown"),
@@ -143,7 +187,7 @@ def lora_info(path: Path) -> dict:
             "alpha": meta.get("ss_network_alpha"), "steps": meta.get("ss_steps"),
             "trigger": meta.get("ss_trigger_word", ""), "tensors": len(tensors),
             "base": meta.get("ss_sd_model_name", ""),
-            "has_config": bool(cfg), "args": json.loads(meta.get("ss_network_args", "{}") or "{}")}
+            "has_config": bool(cfg), "layout": layout(tensors), "args": json.loads(meta.get("ss_network_args", "{}") or "{}")}
 
 
 def load_into_diffusers(pipe, path: Path, adapter_name: str | None = None) -> None:
@@ -172,5 +216,8 @@ def load_into_diffusers(pipe, path: Path, adapter_name: str | None = None) -> No
         if "dora_scale" in p:
             # transformers' load_adapter (text encoders) wants the ".weight" suffix; diffusers' UNet path not.
             suffix = "" if base.startswith("lora_unet_") else ".weight"
-            state[f"{names[base]}.lora_magnitude_vector{suffix}"] = p["dora_scale"].flatten()
+            mag = p["dora_scale"].flatten()
+            # peft keeps a convolution's magnitude as (1, out, 1, 1), a linear layer's as (out,).
+            state[f"{names[base]}.lora_magnitude_vector{suffix}"] = mag.reshape(1, -1, 1, 1) if p[
+                "lora_down.weight"].dim() == 4 else mag
     pipe.load_lora_weights(state, adapter_name=adapter_name)

@@ -115,7 +115,10 @@ def init_from_file(path: str, model: BaseModel, alpha: float) -> int:
     """Load an existing LoRA file into the freshly added adapter; returns its step count."""
     from .export import kohya_key, named_parts
 
+    from .lora_formats import canonical
+
     tensors, meta = read_lora(Path(path))
+    tensors, _ = canonical(tensors, meta, model)  # diffusers, peft and ComfyUI files continue too
     loaded = 0
     for prefix, module in named_parts(model):
         names = {kohya_key(prefix, n): n for n, _ in adapter_layers(module)}
