@@ -16,7 +16,7 @@ import torch
 from .adapters import ADAPTER, adapter_layers
 
 BASE_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCH = {"sd15": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+MODELSPEC_ARCH = {"sd15": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -99,36 +99,110 @@ def adapter_file_tensors(model, family: str, algorithm: str, alpha: float) -> di
 
 def tag_frequency(captions: list[str]) -> dict:
     counts = Counter(t.strip() for c in captions for t in c.split(",") if t.strip())
-    return {"dataset": dict(counts.most_common(500))}
+    return dict(counts.most_common(500))
 
 
-def metadata(cfg, family: str, steps: int, captions: list[str], num_images: int, resolution) -> dict[str, str]:
-    net = cfg.network
-    module = "networks.lora" if net.algorithm in ("lora", "dora") else "lycoris.kohya"
-    args = {"algo": net.algorithm}
+def dataset_folders(source: str, names: list[str], captions: list[str], repeats: list[int]) -> dict:
+    """{folder: {n_repeats, img_count, captions}} as sd-scripts groups a dataset (kohya `N_name` folders)."""
+    out: dict[str, dict] = {}
+    whole = Path(source).name or "dataset"
+    for name, caption, rep in zip(names, captions, repeats):
+        parts = Path(name).parts
+        folder = parts[0] if len(parts) > 1 else whole
+        d = out.setdefault(folder, {"n_repeats": rep, "img_count": 0, "captions": []})
+        d["img_count"] += 1
+        d["captions"].append(caption)
+    return out
+
+
+PRESETS = {"attention": "attn-only", "attention_ff": "attn-mlp", "all": "full"}
+
+
+def network_module_and_args(net) -> tuple[str, dict]:
+    """kohya's `ss_network_module` and `ss_network_args`: the module that reads the file as written.
+
+    Plain LoRA is kohya's `networks.lora` (3x3 convolutions as LoCon with conv_dim). DoRA's
+    `dora_scale` is read by LyCORIS only (kohya's networks.lora ignores it); LoHa, LoKr and full
+    (`diff`) layers are LyCORIS modules too.
+    """
+    conv = {"conv_dim": str(net.rank), "conv_alpha": str(net.alpha)} if net.targets == "all" else {}
+    if net.algorithm == "lora":
+        return "networks.lora", conv
+    algo = {"dora": "lora", "oft": "full"}.get(net.algorithm, net.algorithm)
+    args = {"algo": algo, "preset": PRESETS[net.targets], **conv}
     if net.algorithm == "dora":
-        args = {"algo": "lora", "dora_wd": "True"}
+        args.update({"dora_wd": "True", "wd_on_output": "True"})
+    return "lycoris.kohya", args
+
+
+def metadata(cfg, family: str, steps: int, captions: list[str], num_images: int, resolution,
+             folders: dict | None = None, started_at: float | None = None,
+             prediction_type: str = "epsilon") -> dict[str, str]:
+    """The file's metadata: kohya's `ss_*` keys and the `modelspec.*` set, as AUTOMATIC1111/Forge,
+    civitai and ComfyUI read them from sd-scripts' files, and the run's whole config."""
+    import datetime
+    import time
+
+    net = cfg.network
+    module, args = network_module_and_args(net)
+    folders = folders or {"dataset": {"n_repeats": cfg.dataset.repeats, "img_count": num_images, "captions": captions}}
     trigger = cfg.dataset.caption_prefix.strip()
+    started_at = started_at or time.time()
+    arch = MODELSPEC_ARCH[family]
+    if family == "sd2":
+        arch = "stable-diffusion-v2-768-v" if prediction_type == "v_prediction" else "stable-diffusion-v2-512"
     meta = {
         "ss_base_model_version": BASE_VERSION[family], "ss_v2": str(family == "sd2"),
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_sd_model_name": Path(cfg.model.base).name, "ss_network_module": module,
         "ss_network_dim": str(net.rank), "ss_network_alpha": str(net.alpha), "ss_network_args": json.dumps(args),
         "ss_network_dropout": str(net.dropout), "ss_resolution": str(tuple(resolution)),
         "ss_steps": str(steps), "ss_max_train_steps": str(cfg.train.steps), "ss_learning_rate": str(cfg.train.learning_rate),
         "ss_text_encoder_lr": str(net.text_encoder_lr or cfg.train.learning_rate) if net.train_text_encoder else "0",
         "ss_unet_lr": str(cfg.train.learning_rate), "ss_optimizer": cfg.train.optimizer,
-        "ss_lr_scheduler": cfg.train.lr_scheduler, "ss_batch_size_per_device": str(cfg.train.batch_size),
-        "ss_num_train_images": str(num_images), "ss_seed": str(cfg.train.seed), "ss_output_name": cfg.name,
+        "ss_lr_scheduler": cfg.train.lr_scheduler, "ss_lr_warmup_steps": str(cfg.train.warmup_steps),
+        "ss_batch_size_per_device": str(cfg.train.batch_size),
+        "ss_total_batch_size": str(cfg.train.batch_size * cfg.train.gradient_accumulation),
+        "ss_gradient_accumulation_steps": str(cfg.train.gradient_accumulation),
+        "ss_gradient_checkpointing": str(cfg.train.gradient_checkpointing),
+        "ss_max_grad_norm": str(cfg.train.max_grad_norm),
+        "ss_num_train_images": str(sum(d["img_count"] * d["n_repeats"] for d in folders.values())),
+        "ss_seed": str(cfg.train.seed), "ss_output_name": cfg.name,
         "ss_mixed_precision": cfg.train.mixed_precision, "ss_min_snr_gamma": str(cfg.train.min_snr_gamma),
         "ss_noise_offset": str(cfg.train.noise_offset), "ss_network_train_unet_only": str(not net.train_text_encoder),
-        "ss_tag_frequency": json.dumps(tag_frequency(captions)), "ss_dataset_size": str(num_images),
-        "ss_trigger_word": trigger,
-        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": MODELSPEC_ARCH[family] + "/lora",
-        "modelspec.implementation": "diffusers", "modelspec.title": cfg.name, "modelspec.trigger_phrase": trigger,
+        "ss_cache_latents": str(cfg.dataset.cache_latents), "ss_caption_dropout_rate": str(cfg.dataset.caption_dropout),
+        "ss_flip_aug": str(cfg.dataset.flip), "ss_shuffle_caption": str(cfg.dataset.shuffle_tags),
+        "ss_keep_tokens": str(cfg.dataset.keep_tokens), "ss_enable_bucket": str(cfg.dataset.bucketing),
+        "ss_tag_frequency": json.dumps({k: tag_frequency(d["captions"]) for k, d in folders.items()}),
+        "ss_dataset_dirs": json.dumps({k: {"n_repeats": d["n_repeats"], "img_count": d["img_count"]}
+                                       for k, d in folders.items()}),
+        "ss_dataset_size": str(num_images), "ss_training_started_at": str(started_at),
+        "ss_training_finished_at": str(time.time()), "ss_trigger_word": trigger,
+        "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": arch + "/lora",
+        "modelspec.implementation": "diffusers", "modelspec.title": cfg.name,
+        "modelspec.date": datetime.datetime.fromtimestamp(int(started_at)).isoformat(),
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.description": f"{net.algorithm} rank {net.rank} trained with LoRA Lab for {steps} steps",
         "lora_lab_config": cfg.to_yaml(),
     }
+    if trigger:
+        meta["modelspec.trigger_phrase"] = trigger
+        meta["modelspec.usage_hint"] = f"Put '{trigger}' in the prompt."
     return meta
+
+
+def safetensors_hashes(data: dict[str, torch.Tensor], meta: dict[str, str]) -> tuple[str, str]:
+    """sd-scripts' `sshs_model_hash` and `sshs_legacy_hash` (what sd-webui-additional-networks and
+    AUTOMATIC1111 index LoRAs by): the file serialised with its `ss_*` metadata only; the first hashes
+    the tensor bytes after the header, the second 64 KiB from 1 MiB on."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    raw = save(data, {k: v for k, v in meta.items() if k.startswith("ss_")})
+    header = 8 + int.from_bytes(raw[:8], "little")
+    return hashlib.sha256(raw[header:]).hexdigest(), hashlib.sha256(raw[0x100000:0x110000]).hexdigest()[:8]
 
 
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str], precision: str) -> Path:
@@ -137,6 +211,9 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, meta: dict[st
     dtype = DTYPES[precision]
     data = {k: v.detach().to("cpu", torch.float32 if k.endswith(".alpha") else dtype).contiguous()
             for k, v in tensors.items()}
+    if "ss_network_module" in meta:
+        meta = dict(meta)
+        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(data, meta)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(data, str(tmp), metadata=meta)

@@ -23,7 +23,7 @@ from .data.plan import epoch_batches, step_caption
 from .encode import encode_text, sdxl_time_ids, vae_shift_scale
 from .errors import LoraLabError
 from .events import Callback, Control, Event
-from .export import adapter_file_tensors, metadata, save_file_atomic
+from .export import adapter_file_tensors, dataset_folders, metadata, save_file_atomic
 from .optim import compute_loss, min_snr_weights
 from .precision import ACCELERATE, DTYPE, mixed_precision
 from .prepare import Prepared, pick_device, prepare
@@ -201,7 +201,11 @@ class Job:
         cfg = self.cfg
         tensors = adapter_file_tensors(p.model, p.model.family, cfg.network.algorithm, cfg.network.alpha)
         res = (cfg.dataset.resolution, cfg.dataset.resolution)
-        meta = metadata(cfg, p.model.family, step, [e.caption for e in p.examples], len(p.examples), res)
+        captions = [e.caption for e in p.examples]
+        folders = dataset_folders(cfg.dataset.source, [p.dataset.items[e.index].name for e in p.examples], captions,
+                                  [e.repeats for e in p.examples])
+        meta = metadata(cfg, p.model.family, step, captions, len(p.examples), res, folders,
+                        self.run.status().get("started"), p.model.prediction_type)
         path = self.run.lora_path(cfg.name)
         with removed_on_failure(self.run.path, path.with_name(f".{path.name}.tmp")):  # save_file_atomic's temporary
             return save_file_atomic(tensors, path, meta, cfg.save.precision)
