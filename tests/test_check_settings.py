@@ -52,3 +52,13 @@ def test_check_settings_says_what_sample_images_cost_and_warns_when_a_cpu_would_
     assert not any("round of samples" in w for w in plan(demo, None, on_cpu=True)["warnings"])
     heavy = resolve("cpu-demo", extra={"train": {"steps": 10}, "sample": {"every_n_steps": 1, "steps": 50}})
     assert any("as long as the training itself" in w for w in plan(heavy, None, on_cpu=True)["warnings"])
+
+
+def test_check_settings_gives_the_file_size_and_says_what_oft_costs(demo_dir):
+    over = {"model.base": "stable-diffusion-v1-5/stable-diffusion-v1-5", "network.targets": "all", "network.rank": 16}
+    lora = plan(tiny_config(demo_dir, **over), None, on_cpu=False)
+    oft = plan(tiny_config(demo_dir, **over, **{"network.algorithm": "oft"}), None, on_cpu=False)
+    assert 10 < lora["file_mb"] < 100 and oft["file_mb"] > 1000  # fp32 tiny_config: 4 bytes per weight
+    assert not any("OFT" in w for w in lora["warnings"])
+    (said,) = [w for w in oft["warnings"] if "OFT" in w]
+    assert f"{oft['file_mb']:,.0f} MB" in said and f"{lora['file_mb']:,.0f} MB for a LoRA of rank 16" in said

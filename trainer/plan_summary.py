@@ -13,6 +13,19 @@ ACT_GB = {"sd15": (1.09, 0.25), "sd2": (1.05, 0.22), "sdxl": (1.82, 0.17), "tiny
 DECODE_GB = 0.36
 CONTEXT_GB = 0.4  # the CUDA context and library workspaces
 OPT_BYTES = {"adamw8bit": 2, "prodigy": 16, "sgd": 4, "adafactor": 4}  # state per trained weight; else 8
+# Weights of the adapted layers (UNet, text encoders) per targets: whole ("full", an OFT file) and per rank
+# of a LoRA ("rank1"); from tests/bench/adapter_sizes.py.
+ADAPTED = {
+    "sd15": {"attention": ((93_511_680, 199_296), (28_311_552, 73_728)),
+             "attention_ff": ((266_977_280, 423_936), (84_934_656, 165_888)),
+             "all": ((831_201_280, 1_002_496), (84_934_656, 165_888))},
+    "sd2": {"attention": ((99_901_440, 207_488), (96_468_992, 188_416)),
+            "attention_ff": ((273_367_040, 432_128), (289_406_976, 423_936)),
+            "all": ((837_591_040, 1_010_688), (289_406_976, 423_936))},
+    "sdxl": {"attention": ((955_187_200, 1_451_520), (238_026_752, 401_408)),
+             "attention_ff": ((2_207_744_000, 2_659_840), (714_080_256, 903_168)),
+             "all": ((2_540_953_600, 3_038_720), (714_080_256, 903_168))},
+}
 
 
 def estimate_memory_gb(cfg, family: str) -> float:
@@ -29,6 +42,31 @@ def estimate_memory_gb(cfg, family: str) -> float:
     sample = UNET_GB[family] * half + state + TEXT_GB[family] * half + VAE_GB * half + DECODE_GB * half * area
     peak = max(train, sample if cfg.sample.prompts else 0)
     return round(CONTEXT_GB + peak, 1)
+
+
+def file_mb(cfg, family: str, algorithm: str | None = None) -> float | None:
+    """About how big the exported file is (LoKr: not estimated; its factors depend on each layer's shape)."""
+    net = cfg.network
+    algorithm = algorithm or net.algorithm
+    if family not in ADAPTED or algorithm == "lokr":
+        return None
+    (unet_full, unet_r1), (te_full, te_r1) = ADAPTED[family][net.targets]
+    te = net.train_text_encoder
+    if algorithm == "oft":
+        weights = unet_full + (te_full if te else 0)
+    else:
+        weights = (unet_r1 + (te_r1 if te else 0)) * net.rank * (2 if algorithm == "loha" else 1)
+    return round(weights * (4 if cfg.save.precision == "fp32" else 2) / 1e6, 1)
+
+
+def oft_warnings(cfg, family: str) -> list[str]:
+    if cfg.network.algorithm != "oft":
+        return []
+    size, lora = file_mb(cfg, family), file_mb(cfg, family, "lora")
+    what = f"about {size:,.0f} MB here, against {lora:,.0f} MB for a LoRA of rank {cfg.network.rank}" if size else \
+        "as big as the adapted layers themselves"
+    return [f"OFT files hold each adapted layer's whole weight change ({what}): peft's OFT rotates each layer's "
+            "input, which no compact layout that ComfyUI or AUTOMATIC1111 read can express."]
 
 
 def family_guess(base: str) -> str:
@@ -144,6 +182,7 @@ def plan(cfg, dataset_summary: dict | None, on_cpu: bool | None = None) -> dict:
         on_cpu = _no_accelerator(cfg.train.device)
     sp = sampling_plan(cfg, family, on_cpu)
     warnings += sampling_warnings(sp)
+    warnings += oft_warnings(cfg, family)
     return {
         "steps": t.steps,
         "steps_per_epoch": per_epoch,
@@ -151,6 +190,7 @@ def plan(cfg, dataset_summary: dict | None, on_cpu: bool | None = None) -> dict:
         "memory_gb": estimate_memory_gb(cfg, family),
         "warnings": warnings,
         "sampling": sp,
+        "file_mb": file_mb(cfg, family),
     }
 
 
@@ -170,7 +210,8 @@ def describe(p: dict, dataset_summary: dict | None) -> str:
                      f"{p['steps_per_epoch']} steps per epoch; {p['steps']} steps ≈ {p['epochs']} epochs.**")
     else:
         lines.append(f"**{p['steps']} steps.** Load a dataset to see epochs.")
-    lines.append(f"Estimated accelerator memory: about {p['memory_gb']} GB.")
+    lines.append(f"Estimated accelerator memory: about {p['memory_gb']} GB."
+                 + (f" LoRA file: about {p['file_mb']:g} MB." if p.get("file_mb") else ""))
     sp = p.get("sampling")
     if sp:
         when = f"{sp['rounds']} times" if sp["rounds"] > 1 else "once, at the end"
