@@ -221,8 +221,10 @@ def test_a_diffusers_file_works_in_the_test_tab_and_the_cli(tmp_path):
     server = AppServer(tmp_path / "workspace")
     try:
         client = Client(server.url, verbose=False)
-        message = client.predict(handle_file(str(path)), api_name="/on_upload_1")[0]
+        message, first_slot, *_ = client.predict(handle_file(str(path)), api_name="/on_upload_1")
         assert message == "Added pytorch_lora_weights.safetensors.", message
+        labels = [c[0] for c in client.predict(None, api_name="/on_refresh")[1]["choices"]]
+        assert "pytorch_lora_weights.safetensors (diffusers file)" in labels, labels
         drawn = {}
         for lora in ("loras/pytorch_lora_weights.safetensors", None):
             message, gallery, *_ = client.predict("tiny-random", "lablora, a red circle", "", 3, 2, 7.0, 64, 64,

@@ -95,13 +95,16 @@ def _label(path: Path, run: str | None = None) -> str:
     from safetensors import safe_open
 
     from trainer.lora_file import FAMILY_OF_VERSION
+    from trainer.lora_formats import layout
 
     try:
         with safe_open(str(path), "np") as f:
-            meta = f.metadata() or {}
+            meta, keys = f.metadata() or {}, list(f.keys())
     except Exception:  # not readable as safetensors: listed by name, refused with a reason when used
-        meta = {}
+        meta, keys = {}, []
+    kind = layout(keys) if keys else ""
     facts = [FAMILY_NAMES.get(FAMILY_OF_VERSION.get(meta.get("ss_base_model_version", ""), ""), "")]
+    facts += [f"{kind} file"] if kind in ("diffusers", "peft", "ComfyUI") else []
     facts += [f"step {meta['ss_steps']}"] if meta.get("ss_steps") else []
     facts += [f"run {run}"] if run and run != path.stem else []
     facts = [f for f in facts if f]
