@@ -234,3 +234,40 @@ def test_a_diffusers_file_works_in_the_test_tab_and_the_cli(tmp_path):
         assert np.abs(drawn[None] - drawn["loras/pytorch_lora_weights.safetensors"]).mean() > 0.5
     finally:
         server.stop()
+
+
+def test_lycoris_oft_blocks_give_lycoris_own_weights():
+    """A LyCORIS (diag-)OFT layer, built by LyCORIS from a file's tensors, changes the weight as LoRA Lab computes."""
+    from lycoris.modules.diag_oft import DiagOFTModule
+
+    from trainer.lora_file import delta_weight
+
+    torch.manual_seed(0)
+    for layer in (torch.nn.Linear(32, 64), torch.nn.Conv2d(16, 32, 3)):
+        blocks = torch.randn(layer.weight.shape[0] // 4, 4, 4) * 0.05  # LyCORIS: block count ≥ block size
+        for alpha, rescale in ((0.0, None), (1e-3, None), (0.0, torch.rand(layer.weight.shape[0], *[1] * (
+                layer.weight.dim() - 1)) + 0.5)):
+            with torch.no_grad():
+                module = DiagOFTModule.make_module_from_state_dict("x", layer, blocks, rescale, torch.tensor(alpha))
+                expect, _ = module.get_diff_weight(shape=layer.weight.shape)
+            p = {"oft_blocks": blocks, "alpha": torch.tensor(alpha), **({"rescale": rescale} if rescale is not None
+                                                                         else {})}
+            got = delta_weight(p, layer.weight.data)
+            assert got.abs().max() > 1e-3
+            assert torch.allclose(got, expect.float(), atol=1e-5), (got - expect).abs().max()
+
+
+def test_lycoris_locon_with_a_tucker_core_gives_lycoris_own_weights():
+    from lycoris.modules.locon import LoConModule
+
+    from trainer.lora_file import delta_weight
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 32, 3)
+    up, down, mid = torch.randn(32, 4, 1, 1), torch.randn(4, 16, 1, 1), torch.randn(4, 4, 3, 3)
+    with torch.no_grad():
+        module = LoConModule.make_module_from_state_dict("x", conv, up, down, mid, torch.tensor(2.0), None)
+        expect, _ = module.get_diff_weight(shape=conv.weight.shape)
+    got = delta_weight({"lora_up.weight": up, "lora_down.weight": down, "lora_mid.weight": mid,
+                        "alpha": torch.tensor(2.0)}, conv.weight.data)
+    assert torch.allclose(got, expect, atol=1e-4), (got - expect).abs().max()

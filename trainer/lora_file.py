@@ -78,7 +78,11 @@ def delta_weight(p: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tens
         down, up = p["lora_down.weight"], p["lora_up.weight"]
         rank = down.shape[0]
         scale = p["alpha"].item() / rank if "alpha" in p else 1.0
-        delta = (up.flatten(1) @ down.flatten(1)).reshape(shape) * scale
+        if "lora_mid.weight" in p:  # LyCORIS LoCon with a Tucker core: up (out, r), core (r, r, k, k), down (r, in)
+            core = torch.einsum("i j ..., i p, j r -> p r ...", p["lora_mid.weight"], up.flatten(1).T, down.flatten(1))
+            delta = core.reshape(shape) * scale
+        else:
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(shape) * scale
         if "dora_scale" in p:
             return _dora(p["dora_scale"], w, delta)
         return delta
@@ -99,9 +103,30 @@ def delta_weight(p: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tens
                 w2.unsqueeze(2).unsqueeze(3)
         k = torch.kron(w1.reshape(*w1.shape, *([1] * (w2.dim() - 2))), w2)
         return k.reshape(shape) * scale
+    if "oft_blocks" in p:
+        return _lycoris_oft(p, w)
     raise LoraLabError(f"LoRA Lab cannot compute this layer kind yet (keys {sorted(p)}).",
-                       "LoRA Lab reads LoRA, DoRA, LoHa, LoKr and full (diff) layers; LyCORIS OFT blocks, "
-                       "Tucker-decomposed LoCon (lora_mid) and GLoRA are not supported.")
+                       "LoRA Lab reads LoRA, LoCon (with a Tucker core too), DoRA, LoHa, LoKr, OFT blocks and "
+                       "full (diff) layers; BOFT, GLoRA and IA3 are not supported.")
+
+
+def _lycoris_oft(p: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """LyCORIS' diagonal OFT (`oft_blocks`, optional `rescale`, `alpha` = constraint per output
+    channel): each block of output channels rotated by the Cayley transform of a skew matrix."""
+    blocks = p["oft_blocks"]
+    n, b, _ = blocks.shape
+    q = blocks - blocks.transpose(1, 2)
+    constraint = p["alpha"].item() * w.shape[0] if "alpha" in p else 0.0
+    if constraint > 0:
+        norm = q.norm() + 1e-8
+        if norm > constraint:
+            q = q * constraint / norm
+    eye = torch.eye(b)
+    r = (eye + q) @ torch.linalg.inv(eye - q)
+    merged = torch.einsum("k n m, k n ... -> k m ...", r, w.reshape(n, b, *w.shape[1:])).reshape(w.shape)
+    if "rescale" in p:
+        merged = p["rescale"].reshape(-1, *[1] * (w.dim() - 1)) * merged
+    return merged - w
 
 
 def _dora(scale: torch.Tensor, w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
