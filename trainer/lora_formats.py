@@ -50,9 +50,10 @@ def layout(keys) -> str:
         return "empty"
     if any(k.startswith(OTHER_MODELS) for k in keys):
         return "transformer model (Flux, SD3 or another non-UNet model)"
-    if all(k.startswith(KOHYA_PREFIXES) for k in keys):
+    kohya = [k for k in keys if k.startswith(KOHYA_PREFIXES)]
+    if len(kohya) * 2 >= len(keys):  # sd-scripts may bundle embeddings (`bundle_emb.…`) beside the layers
         return "LyCORIS" if any(_suffix(k) not in ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
-                                for k in keys) else "kohya"
+                                for k in kohya) else "kohya"
     if any(k.startswith(tuple(COMFY_PARTS)) for k in keys):
         return "ComfyUI"
     if any(s in k for k in keys for s in ("lora_A", "lora_B", "lora.down", "to_out_lora", "lora_linear_layer",
