@@ -33,6 +33,21 @@ def test_every_checkpoint_becomes_a_lora_and_the_last_matches_the_final_file(fin
     assert torch.allclose(from_checkpoint, unet_output(base.unet, base), atol=1e-5)
 
 
+@pytest.mark.parametrize("algorithm", ["loha", "dora"])
+def test_checkpoint_loras_of_all_layer_runs_match_the_final_file(algorithm, demo_dir, tmp_path):
+    """LoHa checkpoints carry alpha/rank folded in as the final file does; DoRA convolutions their 4-D magnitudes."""
+    cfg = tiny_config(demo_dir, name="all", **{"train.steps": 2, "save.every_n_steps": 2, "network.targets": "all",
+                                               "network.algorithm": algorithm, "train.learning_rate": 1e-2})
+    run = run_job(cfg, tmp_path)
+    (_, path), = checkpoint_loras(run.path)
+    base = load_base("tiny-random")
+    applied = AppliedLoras(base, [(path, 1.0)])
+    from_checkpoint = unet_output(base.unet, base)
+    applied.remove()
+    AppliedLoras(base, [(run.lora_path("all"), 1.0)])
+    assert torch.allclose(from_checkpoint, unet_output(base.unet, base), atol=1e-5)
+
+
 def test_export_bundle_holds_what_a_lab_hands_in(finished_run, tmp_path):
     imgs = [("00_base.png", Image.new("RGB", (8, 8))), ("01_lora.png", Image.new("RGB", (8, 8), "red"))]
     out = export_bundle(tmp_path / "hand-in.zip", imgs, ["a prompt"], finished_run.lora_path("ck"),

@@ -71,9 +71,58 @@ def add_adapter(model: torch.nn.Module, net, text_encoder: bool = False) -> list
                            "Use attention, attention_ff or all.")
     inject_adapter_in_model(peft_config(net.algorithm, net.rank, net.alpha, net.dropout, names, model), model,
                             adapter_name=ADAPTER)
+    if net.algorithm == "oft":
+        exact_oft_convs(model)
     for n, p in model.named_parameters():
         p.requires_grad_(_is_adapter_param(n))
     return names
+
+
+def exact_oft_convs(model: torch.nn.Module) -> int:
+    """Make peft's OFT on k×k convolutions compute the layer it merges into; returns the layers changed.
+
+    peft (0.21) rotates a k×k convolution's input patches: it unfolds the input with the kernel,
+    without padding, rotates each patch and folds the patches back, summing where they overlap. So
+    an untrained adapter (identity rotation) already multiplies the input by up to k·k (the tiny
+    UNet's output moves by ~1.5 on a scale of ~1.7), the trained layer is not the one `merge` (and
+    so the exported file) gives, and a feature map smaller than the kernel raises a RuntimeError
+    (SD 1.5/2 below 192 px, SDXL below 96 px: the deepest level is the latent / 8, resp. / 4).
+    Instead each layer convolves with its rotated filters, exactly what peft's `merge` writes into the
+    weight (each block of the flattened (in·k·k) filter axis times its Cayley rotation): the same
+    trainable parameters, at any resolution, and an identity at initialisation. 1x1 convolutions and
+    Linear layers are left to peft (there unfold/fold is exact)."""
+    import types
+
+    from peft.tuners.oft.layer import Conv2d as OFTConv2d
+
+    layers = [m for _, m in adapter_layers(model)
+              if isinstance(m, OFTConv2d) and tuple(m.get_base_layer().kernel_size) != (1, 1)]
+    for layer in layers:
+        layer.forward = types.MethodType(_oft_rotated_conv_forward, layer)
+    return len(layers)
+
+
+def _oft_rotated_filters(rot, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` (out, in, k, k) with each block of its flattened filter axis rotated: peft's merge
+    (oft_mat @ weight.view(out, -1).T).T without building the dense block-diagonal matrix."""
+    blocks = rot._cayley_batch(rot.weight, rot.block_size, rot.use_cayley_neumann, rot.num_cayley_neumann_terms)
+    n = weight[0].numel() // rot.block_size
+    blocks = blocks.expand(n, -1, -1) if blocks.shape[0] == 1 else blocks  # block_share: one block for all
+    w = weight.reshape(weight.shape[0], n, rot.block_size).to(blocks.dtype)
+    return torch.einsum("ipq,oiq->oip", blocks, w).reshape(weight.shape)
+
+
+def _oft_rotated_conv_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    base = self.get_base_layer()
+    active = [a for a in self.active_adapters if a in self.oft_R]
+    if self.disable_adapters or self.merged or not active:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        return base(x, *args, **kwargs)
+    weight = base.weight
+    for name in active:
+        weight = _oft_rotated_filters(self.oft_R[name], weight)
+    return base._conv_forward(x, weight.to(base.weight.dtype), base.bias)
 
 
 def skip_input_casts(model: torch.nn.Module, algorithm: str) -> int:

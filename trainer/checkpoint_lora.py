@@ -28,10 +28,15 @@ def state_to_file_tensors(adapter: dict[str, torch.Tensor], algorithm: str, alph
                        "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"):
             if rest.endswith("." + suffix):
                 name = kohya_key(prefixes[part], rest[: -len(suffix) - 1])
-                if suffix == "lora_magnitude_vector":
-                    t = t.reshape(-1, 1)
+                if suffix == "lora_magnitude_vector":  # peft: (out,) or a conv's (1, out, 1, 1); files: (out, 1[, 1, 1])
+                    t = t.reshape(-1, *[1] * (t.dim() - 1 if t.dim() > 1 else 1))
+                file_alpha = alpha
+                if suffix == "hada_w1_a":  # as export does: alpha/rank in the weights, alpha = rank
+                    rank = adapter[key.replace("hada_w1_a", "hada_w1_b")].shape[0]
+                    t, file_alpha = t * (alpha / rank), float(rank)
                 out[f"{name}.{PEFT_TO_FILE.get(suffix, suffix)}"] = t
-                out[f"{name}.alpha"] = torch.tensor(float(alpha))
+                if f"{name}.alpha" not in out or suffix == "hada_w1_a":
+                    out[f"{name}.alpha"] = torch.tensor(float(file_alpha))
                 break
     return out
 

@@ -66,24 +66,66 @@ def layer_tensors(layer, algorithm: str, alpha: float) -> dict[str, torch.Tensor
             out["dora_scale"] = mag.reshape(-1, *[1] * (down.dim() - 1))
         return out
     if algorithm == "loha":
+        # LyCORIS' merge (`get_diff_weight`, what sd-scripts' merge uses) scales by alpha/rank twice, its
+        # forward and ComfyUI once: with alpha/rank folded into the first factor and alpha = rank all agree.
         out = {k: getattr(layer, k)[ADAPTER] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
-        out["alpha"] = torch.tensor(float(alpha))
+        rank = layer.r[ADAPTER]
+        out["hada_w1_a"] = out["hada_w1_a"] * (alpha / rank)
+        out["alpha"] = torch.tensor(float(rank))
         return out
     if algorithm == "lokr":
-        out = {k: getattr(layer, k)[ADAPTER] for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
-                                                          "lokr_w2_b", "lokr_t2") if ADAPTER in getattr(layer, k, {})}
-        rank = layer.r[ADAPTER]
-        if "lokr_w1_b" not in out and "lokr_w2_b" not in out:
-            # ComfyUI and LyCORIS apply alpha only to decomposed factors; fold peft's alpha/rank in.
-            key = "lokr_w1" if "lokr_w1" in out else "lokr_w1_a"
-            out[key] = out[key] * (alpha / rank)
-            out["alpha"] = torch.tensor(float(rank))
-        else:
-            out["alpha"] = torch.tensor(float(alpha))
-        return out
+        return _lokr_tensors(layer, alpha)
     if algorithm == "oft":
         return {"diff": _oft_diff(layer)}
     raise ValueError(algorithm)
+
+
+def _lyco_split(dim: int, factor: int = -1) -> tuple[int, int]:
+    """LyCORIS' `factorization`: dim = m × n, m ≤ n, m the largest divisor ≤ sqrt(dim) (or ≤ factor)."""
+    if factor > 0 and dim % factor == 0:
+        return tuple(sorted((factor, dim // factor)))
+    cap = dim if factor < 0 else factor
+    m = max(d for d in range(1, int(dim ** 0.5) + 1) if dim % d == 0 and d <= cap)
+    return m, dim // m
+
+
+def _lycoris_reads_factors(w1_shape, w2_rows: int, w2_cols: int, out_dim: int, in_dim: int) -> bool:
+    """Whether LyCORIS' LokrModule.make_module_from_state_dict rebuilds these factor shapes: it infers the
+    factor from the tensors (taking w2_b's columns, d·k·k for a k×k conv, as the input factor), then
+    splits the layer's real sizes with it."""
+    a, c = w1_shape
+    seen_out, seen_in = a * w2_rows, c * w2_cols
+    if (a, c) == (_lyco_split(seen_out)[0], _lyco_split(seen_in)[0]):
+        factor = -1
+    else:
+        f1, f2 = max(a, c), max(w2_rows, w2_cols)
+
+        def ok(f):
+            return seen_out % f == 0 and seen_in % f == 0 and f in (a, w2_rows) and f in (c, w2_cols)
+        factor = f1 if ok(f1) else f2 if ok(f2) else min(f1, f2)
+    return tuple(w1_shape) == (_lyco_split(out_dim, factor)[0], _lyco_split(in_dim, factor)[0])
+
+
+def _lokr_tensors(layer, alpha: float) -> dict[str, torch.Tensor]:
+    """LoKr factors as LyCORIS rebuilds them (peft and LyCORIS factorise alike with factor -1), alpha/rank
+    folded into w1 and alpha = the decomposed dim, so every reader's scale is 1 (ComfyUI and LyCORIS'
+    forward apply alpha only to decomposed factors, LyCORIS' merge twice)."""
+    out = {k: getattr(layer, k)[ADAPTER] for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
+                                                      "lokr_w2_b", "lokr_t2") if ADAPTER in getattr(layer, k, {})}
+    w = layer.get_base_layer().weight
+    w1 = out["lokr_w1"] if "lokr_w1" in out else out["lokr_w1_a"] @ out["lokr_w1_b"]
+    if w.dim() == 4 and w.shape[2:].numel() > 1 and "lokr_w2_b" in out and "lokr_t2" not in out \
+            and not _lycoris_reads_factors(tuple(w1.shape), out["lokr_w2_a"].shape[0], out["lokr_w2_b"].shape[1],
+                                           w.shape[0], w.shape[1]):
+        # LyCORIS misreads a k×k conv's decomposed w2 for some shapes (SD's 640 ← 1920 3×3 conv at rank ≤ 23):
+        # there w2 is written whole.
+        rows = out["lokr_w2_a"].shape[0]
+        out["lokr_w2"] = (out.pop("lokr_w2_a") @ out.pop("lokr_w2_b")).reshape(rows, -1, *w.shape[2:])
+    key = "lokr_w1" if "lokr_w1" in out else "lokr_w1_a"
+    out[key] = out[key] * (alpha / layer.r[ADAPTER])
+    dim = out["lokr_w2_b"].shape[0] if "lokr_w2_b" in out else out["lokr_w1_b"].shape[0] if "lokr_w1_b" in out else 1
+    out["alpha"] = torch.tensor(float(dim))
+    return out
 
 
 def adapter_file_tensors(model, family: str, algorithm: str, alpha: float) -> dict[str, torch.Tensor]:
@@ -115,6 +157,11 @@ def dataset_folders(source: str, names: list[str], captions: list[str], repeats:
     return out
 
 
+def file_alpha(net) -> float:
+    """The alpha the file's layers carry: LoHa and LoKr files have alpha/rank folded into their weights."""
+    return float(net.rank) if net.algorithm in ("loha", "lokr") else net.alpha
+
+
 PRESETS = {"attention": "attn-only", "attention_ff": "attn-mlp", "all": "full"}
 
 
@@ -125,7 +172,7 @@ def network_module_and_args(net) -> tuple[str, dict]:
     `dora_scale` is read by LyCORIS only (kohya's networks.lora ignores it); LoHa, LoKr and full
     (`diff`) layers are LyCORIS modules too.
     """
-    conv = {"conv_dim": str(net.rank), "conv_alpha": str(net.alpha)} if net.targets == "all" else {}
+    conv = {"conv_dim": str(net.rank), "conv_alpha": str(file_alpha(net))} if net.targets == "all" else {}
     if net.algorithm == "lora":
         return "networks.lora", conv
     algo = {"dora": "lora", "oft": "full"}.get(net.algorithm, net.algorithm)
@@ -155,7 +202,7 @@ def metadata(cfg, family: str, steps: int, captions: list[str], num_images: int,
         "ss_base_model_version": BASE_VERSION[family], "ss_v2": str(family == "sd2"),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_sd_model_name": Path(cfg.model.base).name, "ss_network_module": module,
-        "ss_network_dim": str(net.rank), "ss_network_alpha": str(net.alpha), "ss_network_args": json.dumps(args),
+        "ss_network_dim": str(net.rank), "ss_network_alpha": str(file_alpha(net)), "ss_network_args": json.dumps(args),
         "ss_network_dropout": str(net.dropout), "ss_resolution": str(tuple(resolution)),
         "ss_steps": str(steps), "ss_max_train_steps": str(cfg.train.steps), "ss_learning_rate": str(cfg.train.learning_rate),
         "ss_text_encoder_lr": str(net.text_encoder_lr or cfg.train.learning_rate) if net.train_text_encoder else "0",
