@@ -34,8 +34,6 @@ SUFFIXES = sorted(
      "lora_magnitude_vector", "lora_magnitude_vector.weight"], key=len, reverse=True)
 PEFT_NAMES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
               "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight"}
-LYCORIS = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "diff": "full (diff)",
-           "oft_blocks": "OFT", "oft_diag": "OFT", "lora_down.weight": "LoRA", "lora_mid.weight": "LoCon (Tucker)"}
 COMFY_PARTS = {"diffusion_model.": "lora_unet_", "model.diffusion_model.": "lora_unet_",
                "text_encoders.clip_l.transformer.": "lora_te1_", "text_encoders.clip_g.transformer.": "lora_te2_",
                "cond_stage_model.transformer.": "lora_te_"}
