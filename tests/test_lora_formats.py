@@ -188,7 +188,8 @@ def test_continuing_training_from_a_diffusers_file_starts_from_its_weights(demo_
     assert torch.allclose(got, diffusers_output(unet_only), atol=1e-4)
 
 
-def _pixels(gallery) -> "np.ndarray":
+def _pixels(gallery):
+    """The first gallery image's pixels."""
     import numpy as np
     from PIL import Image
 

@@ -42,6 +42,20 @@ def test_the_file_carries_modelspec_kohya_keys_and_sd_scripts_hashes(tmp_path):
     assert meta["sshs_legacy_hash"] == hashlib.sha256(again[0x100000:0x110000]).hexdigest()[:8]
 
 
+def test_the_legacy_hash_reads_64_kib_from_1_mib_on_as_sd_scripts_does():
+    """The tiny model's files are under 1 MiB (their legacy hash is that of nothing): a 4 MiB file shows it."""
+    import torch
+
+    from trainer.export import safetensors_hashes
+
+    data = {"lora_unet_x.lora_down.weight": torch.arange(1 << 20, dtype=torch.float32)}
+    meta = {"ss_network_dim": "4", "modelspec.title": "not hashed"}
+    raw = save(data, {"ss_network_dim": "4"})
+    model_hash, legacy = safetensors_hashes(data, meta)
+    assert legacy == hashlib.sha256(raw[0x100000:0x110000]).hexdigest()[:8] != hashlib.sha256(b"").hexdigest()[:8]
+    assert model_hash == hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest()
+
+
 def test_plain_lora_names_kohyas_module_with_its_conv_rank():
     from trainer.config import Config
     from trainer.export import network_module_and_args
