@@ -119,7 +119,9 @@ def test_a_peft_save_pretrained_file_gives_the_peft_models_output(tmp_path):
 
 def test_files_in_comfyui_and_sd_scripts_sdxl_naming_load_like_our_own(tmp_path, demo_dir):
     """ComfyUI's SaveLoRA writes `diffusion_model.<original name>.lora_up.weight` (and `diff_b` for
-    biases); sd-scripts' SDXL files `lora_unet_input_blocks_…`. Both name the same layers as ours."""
+    biases); sd-scripts' SDXL files `lora_unet_input_blocks_…`, diffusers' kohya conversion and
+    OneTrainer `lora_unet_down_blocks_…`. All name the same layers. Our SD 1.x files use diffusers'
+    names, our SDXL files the original ones, as sd-scripts writes each."""
     for kind in ("tiny-random", "tiny-random-xl"):
         run = run_job(tiny_config(demo_dir, name=kind, **{"model.base": kind, "network.targets": "all",
                                                            "train.steps": 3, "train.learning_rate": 1e-2}), tmp_path)
@@ -129,19 +131,23 @@ def test_files_in_comfyui_and_sd_scripts_sdxl_naming_load_like_our_own(tmp_path,
             for k in f.keys():
                 tensors[k] = f.get_tensor(k)
         names = unet_ldm_names(load_base(kind).unet)  # diffusers name: original name
-        sgm = {"lora_unet_" + n.replace(".", "_"): "lora_unet_" + o.replace(".", "_") for n, o in names.items()}
-        dotted = {"lora_unet_" + o.replace(".", "_"): o for o in names.values()}
-        renamed_sgm, comfy = {}, {}
+        kohya = {"lora_unet_" + n.replace(".", "_"): n for n in names}
+        sgm = {"lora_unet_" + o.replace(".", "_"): n for n, o in names.items()}
+        unet_keys = {k.split(".")[0] for k in tensors if k.startswith("lora_unet_")}
+        assert unet_keys <= set(sgm if kind.endswith("xl") else kohya), kind
+        other, comfy = {}, {}
         for k, v in tensors.items():
             base, _, suffix = k.partition(".")
-            renamed_sgm[f"{sgm.get(base, base)}.{suffix}"] = v
-            if base.startswith("lora_unet_"):
-                comfy[f"diffusion_model.{dotted[sgm[base]]}.{suffix}"] = v
-            else:
-                comfy[k] = v
-        assert any("input_blocks" in k for k in renamed_sgm) and any("output_blocks" in k for k in renamed_sgm)
+            if not base.startswith("lora_unet_"):
+                other[k] = comfy[k] = v
+                continue
+            diffusers_name = kohya.get(base) or sgm[base]
+            renamed = names[diffusers_name] if base in kohya else diffusers_name
+            other["lora_unet_" + renamed.replace(".", "_") + "." + suffix] = v
+            comfy[f"diffusion_model.{names[diffusers_name]}.{suffix}"] = v
+        assert any("input_blocks" in k for k in other) != kind.endswith("xl")
         expect = lora_lab_output(ours, kind)
-        for name, sd in (("sgm", renamed_sgm), ("comfy", comfy)):
+        for name, sd in (("other names", other), ("comfy", comfy)):
             path = tmp_path / f"{kind}-{name}.safetensors"
             save_file(sd, str(path))
             assert torch.allclose(lora_lab_output(path, kind), expect, atol=1e-5), (kind, name)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .adapters import ADAPTER, adapter_layers
+from .ldm_names import block_pairs, to_ldm
 
 BASE_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCH = {"sd15": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
@@ -32,6 +33,18 @@ def kohya_key(prefix: str, module_name: str) -> str:
     if prefix.startswith("lora_te") and not module_name.startswith("text_model."):
         module_name = "text_model." + module_name
     return prefix + module_name.replace(".", "_")
+
+
+def layer_names(model, prefix: str, module) -> dict[str, str]:
+    """{module name: file layer name} for one part of a BaseModel.
+
+    SDXL UNet layers take their original (SGM) names, `lora_unet_input_blocks_4_1_…`, as sd-scripts
+    writes them: LyCORIS in sd-scripts builds its modules from those names and finds no others
+    (kohya's networks.lora renames diffusers names, LyCORIS does not). SD 1.x/2.x files keep diffusers'
+    names, which is what sd-scripts uses for them. Every other loader reads both.
+    """
+    pairs = block_pairs(module.config) if prefix == "lora_unet_" and model.family == "sdxl" else None
+    return {name: kohya_key(prefix, to_ldm(name, pairs) if pairs else name) for name, _ in module.named_modules()}
 
 
 def named_parts(model) -> list[tuple[str, object]]:
@@ -132,8 +145,9 @@ def adapter_file_tensors(model, family: str, algorithm: str, alpha: float) -> di
     """All file tensors from a BaseModel whose UNet (and maybe text encoders) hold an adapter."""
     out = {}
     for prefix, module in named_parts(model):
+        names = layer_names(model, prefix, module)
         for name, layer in adapter_layers(module):
-            key = kohya_key(prefix, name)
+            key = names[name]
             for suffix, t in layer_tensors(layer, algorithm, alpha).items():
                 out[f"{key}.{suffix}"] = t
     return out

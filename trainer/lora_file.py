@@ -13,6 +13,7 @@ import torch
 
 from .errors import LoraLabError
 from .export import BASE_VERSION, kohya_key, named_parts
+from .ldm_names import unet_ldm_names
 from .lora_formats import canonical, layout
 
 FAMILY_OF_VERSION = {v: k for k, v in BASE_VERSION.items()}
@@ -231,6 +232,8 @@ def load_into_diffusers(pipe, path: Path, adapter_name: str | None = None) -> No
     for prefix, attr, module in parts:
         for name, _ in module.named_modules():
             names[kohya_key(prefix, name)] = f"{attr}.{name}"
+    for name, ldm in unet_ldm_names(pipe.unet).items():  # SDXL files name UNet layers as sd-scripts does
+        names[kohya_key("lora_unet_", ldm)] = f"unet.{name}"
     state = {}
     for base, p in _group(tensors).items():
         if "lora_down.weight" not in p or base not in names:

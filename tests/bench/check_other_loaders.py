@@ -53,7 +53,7 @@ from transformers import CLIPTextModel  # noqa: F401
 
 from trainer.adapters import ADAPTER, adapter_layers, add_adapter
 from trainer.config import config_from_dict
-from trainer.export import (adapter_file_tensors, kohya_key, metadata, named_parts, network_module_and_args,
+from trainer.export import (adapter_file_tensors, layer_names, metadata, named_parts, network_module_and_args,
                             save_file_atomic)
 from trainer.models.load import load_base
 
@@ -99,11 +99,17 @@ class Row:
 
 @dataclass
 class Trained:
-    """The file and, per layer (its kohya name), the base weight and the change peft merges into it."""
+    """The file and, per layer (its name in the file), the base weight and the adapted layer. The change
+    peft merges is computed when asked (holding every layer's change would take as much memory as the
+    UNet: SDXL would not fit beside sd-scripts' UNet in 24 GB)."""
     path: Path
     file_keys: list[str]
     base: dict[str, torch.Tensor] = field(default_factory=dict)
-    change: dict[str, torch.Tensor] = field(default_factory=dict)
+    layers: dict[str, torch.nn.Module] = field(default_factory=dict)
+    size: float = 0.0  # mean ||trained change|| / ||base weight||
+
+    def change(self, key: str) -> torch.Tensor:
+        return merged_change(self.layers[key])
 
 
 # --- import-time stand-ins ------------------------------------------------------------------------------
@@ -194,10 +200,13 @@ def write_case_file(model, case: Case, cfg, out_dir: Path, precision: str) -> Tr
     trained = Trained(path, sorted(tensors))
     del tensors
     for prefix, module in named_parts(model):
+        names = layer_names(model, prefix, module)
         for name, layer in adapter_layers(module):
-            key = kohya_key(prefix, name)
+            key = names[name]
             trained.base[key] = layer.get_base_layer().weight.data
-            trained.change[key] = merged_change(layer)
+            trained.layers[key] = layer
+    sizes = [(trained.change(k).norm() / w.float().norm()).item() for k, w in trained.base.items()]
+    trained.size = sum(sizes) / len(sizes)
     return trained
 
 
@@ -205,26 +214,21 @@ def write_case_file(model, case: Case, cfg, out_dir: Path, precision: str) -> Tr
 def compare(case: Case, tool: str, trained: Trained, applied, keys_loaded: int, note: str = "") -> Row:
     """applied: (kohya name, change the tool made) for each trained layer it changed, one at a time so
     that only one layer's change is held."""
-    errors = {key: 1.0 for key in trained.change}  # a layer the tool never changes is off by its whole change
+    errors = {key: 1.0 for key in trained.layers}  # a layer the tool never changes is off by its whole change
     changed = 0
     for key, got in applied:
-        change = trained.change[key]
+        change = trained.change(key)
         errors[key] = ((got.float() - change).norm() / change.norm()).item()
         changed += int(got.abs().max() > 0)
     return Row(case.family, case.algorithm, case.targets, "yes" if case.te else "no", tool, len(trained.file_keys),
-               keys_loaded, len(trained.change), changed, max(errors.values()),
-               sum(errors.values()) / len(errors), change_size(trained), note)
-
-
-def change_size(trained: Trained) -> float:
-    sizes = [(c.norm() / trained.base[k].float().norm()).item() for k, c in trained.change.items()]
-    return sum(sizes) / len(sizes)
+               keys_loaded, len(trained.layers), changed, max(errors.values()),
+               sum(errors.values()) / len(errors), trained.size, note)
 
 
 def failed_row(case: Case, tool: str, trained: Trained, error: Exception) -> Row:
     msg = f"{type(error).__name__}: {error}".splitlines()[0][:160]
     return Row(case.family, case.algorithm, case.targets, "yes" if case.te else "no", tool, len(trained.file_keys),
-               "error", len(trained.change), "-", "-", "-", change_size(trained), msg)
+               "error", len(trained.layers), "-", "-", "-", trained.size, msg)
 
 
 # --- ComfyUI --------------------------------------------------------------------------------------------
@@ -305,7 +309,7 @@ class ComfyUI:
 
     def _applied(self, trained: Trained, key_map: dict, patches: dict):
         weights = {**self.unet.state_dict(), **self.clip.state_dict()}
-        for key in trained.change:
+        for key in trained.layers:
             target = key_map.get(key)
             if target in patches and target in weights:
                 base = weights[target].float()
@@ -339,69 +343,69 @@ class SdScripts:
         self.lycoris_from = str(Path(lycoris.__file__).parent)
         self.family = model.family
         self.unet = self._unet(model)
-        self.text_encoders = [WithTextModelLevel(copy.deepcopy(te)) for te in model.text_encoders]
+        # Module copies that share the weight tensors (no second copy of the weights): each layer is
+        # merged and put back one at a time, in check().
+        self.text_encoders = [WithTextModelLevel(copy.deepcopy(te, {id(t): t for t in te.state_dict(keep_vars=True).values()}))
+                              for te in model.text_encoders]
 
     def _unet(self, model):
         """The UNet sd-scripts trains on when given a diffusers folder (train_util._load_target_model and
-        sdxl_train_util's diffusers branch)."""
+        sdxl_train_util's diffusers branch), built on the meta device and given the model's own tensors."""
         c = model.unet.config
+        state = model.unet.state_dict(keep_vars=True)
         if model.family == "sdxl":
             from library import sdxl_model_util, sdxl_original_unet
 
-            unet = sdxl_original_unet.SdxlUNet2DConditionModel()
-            unet.load_state_dict(sdxl_model_util.convert_diffusers_unet_state_dict_to_sdxl(model.unet.state_dict()))
-            return unet
-        from library.original_unet import UNet2DConditionModel as OriginalUNet
+            with torch.device("meta"):
+                unet = sdxl_original_unet.SdxlUNet2DConditionModel()
+            state = sdxl_model_util.convert_diffusers_unet_state_dict_to_sdxl(state)
+        else:
+            from library.original_unet import UNet2DConditionModel as OriginalUNet
 
-        unet = OriginalUNet(c.sample_size, c.attention_head_dim, c.cross_attention_dim, c.use_linear_projection,
-                            c.upcast_attention)
-        unet.load_state_dict(model.unet.state_dict())
+            with torch.device("meta"):
+                unet = OriginalUNet(c.sample_size, c.attention_head_dim, c.cross_attention_dim,
+                                    c.use_linear_projection, c.upcast_attention)
+        unet.load_state_dict(state, assign=True)
         return unet
 
     def check(self, case: Case, trained: Trained, module_name: str) -> Row:
-        """create_network_from_weights + merge_to, then each merged layer against its base weight."""
+        """create_network_from_weights, then each module's own merge_to (what the network's merge_to
+        runs for every module), one module at a time against its base weight."""
         te = self.text_encoders if self.family == "sdxl" else self.text_encoders[0]
         kwargs = {"for_inference": True} if module_name == "networks.lora" else {}
         network, weights_sd = self.modules[module_name].create_network_from_weights(
             1.0, str(trained.path), None, te, self.unet, **kwargs)
         loras = network.text_encoder_loras + network.unet_loras
-        to_tool = self._tool_names({k.split(".")[0] for k in trained.file_keys}, module_name)
-        from_tool = {v: k for k, v in to_tool.items()}
+        # sd-scripts names modules as the file does (SDXL files carry its SAI UNet names; networks.lora
+        # would rename diffusers ones, LyCORIS would not).
         names = {lora.lora_name for lora in loras}
-        loaded = sum(1 for k in trained.file_keys if to_tool[k.split(".")[0]] in names)
-        network.merge_to(te, self.unet, weights_sd, torch.float32, "cpu")
-        return compare(case, f"{self.name} ({module_name})", trained, self._merged(loras, from_tool, trained), loaded)
+        loaded = sum(1 for k in trained.file_keys if k.split(".")[0] in names)
+        merged = self._merged(loras, trained, weights_sd if module_name == "networks.lora" else None)
+        return compare(case, f"{self.name} ({module_name})", trained, merged, loaded)
 
-    def _merged(self, loras, from_tool: dict, trained: Trained):
-        """Each merged layer's change, putting the base weight back after it is read."""
+    def _merged(self, loras, trained: Trained, weights_sd: dict | None):
+        """Each module merged by its own code, its change read, and the base weight (and bias) put back."""
         for lora in loras:
-            key = from_tool.get(lora.lora_name)
-            org = self._org_module(lora)
+            key = lora.lora_name
             if key not in trained.base:  # cannot happen: modules are made for the file's names only
-                raise RuntimeError(f"{lora.lora_name} was merged but the file does not train it")
-            change = org.weight.data.float() - trained.base[key].float()
-            org.weight.data.copy_(trained.base[key])  # back to the base for the next file
+                raise RuntimeError(f"{lora.lora_name} was made but the file does not train it")
+            org = self._org_module(lora)
+            before = {n: t.detach().clone() for n, t in org.named_parameters(recurse=False)}
+            if weights_sd is None:  # LyCORIS: LycorisNetwork.merge_to calls lora.merge_to(multiplier)
+                lora.merge_to(1.0)
+            else:  # networks.lora: LoRANetwork.merge_to hands each module its part of the file
+                part = {k[len(key) + 1:]: v for k, v in weights_sd.items() if k.startswith(key)}
+                lora.merge_to(part, torch.float32, "cpu")
+            change = org.weight.data.float() - before["weight"].float()
+            with torch.no_grad():
+                for n, t in org.named_parameters(recurse=False):
+                    t.copy_(before[n])
             yield key, change
 
     @staticmethod
     def _org_module(lora):
         ref = getattr(lora, "org_module_ref", None) or getattr(lora, "org_module", None)
         return ref[0] if isinstance(ref, (list, tuple)) else ref
-
-    def _tool_names(self, file_names: set[str], module_name: str) -> dict[str, str]:
-        """{file layer name: sd-scripts' name}. For SDXL, networks.lora renames the file's diffusers UNet
-        names to SAI ones (input_blocks_…) with its convert_diffusers_to_sai_if_needed; lycoris.kohya
-        keeps them."""
-        if self.family != "sdxl" or module_name != "networks.lora":
-            return {n: n for n in file_names}
-        from networks.lora import convert_diffusers_to_sai_if_needed
-
-        out = {}
-        for name in file_names:
-            one = {f"{name}.alpha": None}
-            convert_diffusers_to_sai_if_needed(one)
-            out[name] = next(iter(one)).split(".")[0]
-        return out
 
 
 # --- running --------------------------------------------------------------------------------------------
@@ -420,20 +424,20 @@ def load_tools(args, model) -> list:
 def check_case(model, tools, case: Case, args, gen) -> list[Row]:
     cfg = case_config(case, args.model_dir(case.family), args.rank, args.alpha)
     add_case_adapters(model, case, cfg, gen)
+    rows = []
     try:
         trained = write_case_file(model, case, cfg, args.files, args.precision)
+        module = network_module_and_args(cfg.network)[0]  # the file's ss_network_module
+        for tool in tools:
+            sd_scripts = isinstance(tool, SdScripts)
+            try:
+                rows.append(tool.check(case, trained, module) if sd_scripts else tool.check(case, trained))
+            except Exception as e:  # one tool failing on one file is a result, not the end of the run
+                logging.exception("%s on %s", tool.name, case.name)
+                rows.append(failed_row(case, f"{tool.name} ({module})" if sd_scripts else tool.name, trained, e))
+            release_memory()
     finally:
         remove_adapters(model)
-    rows = []
-    module = network_module_and_args(cfg.network)[0]  # the file's ss_network_module
-    for tool in tools:
-        sd_scripts = isinstance(tool, SdScripts)
-        try:
-            rows.append(tool.check(case, trained, module) if sd_scripts else tool.check(case, trained))
-        except Exception as e:  # one tool failing on one file is a result, not the end of the run
-            logging.exception("%s on %s", tool.name, case.name)
-            rows.append(failed_row(case, f"{tool.name} ({module})" if sd_scripts else tool.name, trained, e))
-        release_memory()
     return rows
 
 

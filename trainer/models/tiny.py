@@ -118,6 +118,10 @@ def build_tiny(kind: str = "tiny-random") -> dict:
             unet_kwargs.update(
                 cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
                 projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True,
+                # SDXL's order: no attention in the first (widest) block. Loaders that guess the UNet's
+                # layout from SGM names (diffusers' _maybe_map_sgm_blocks_to_diffusers) assume it.
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             )
             parts.update(tokenizer_2=tok2, text_encoder_2=te2)
         unet = UNet2DConditionModel(**unet_kwargs)
