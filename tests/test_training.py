@@ -155,9 +155,14 @@ def test_run_folder_contents_and_events(demo_dir, tmp_path):
     assert {"config.yaml", "metrics.jsonl", "status.json", "samples", "checkpoints", "folder.safetensors"} <= names
     assert [p.name for p in run.checkpoints_dir.iterdir()] == ["step-000004"]
     rows = [json.loads(x) for x in run.metrics_path.read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all({"loss", "lr"} <= set(r) for r in rows)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4] and all({"loss", "lr"} <= set(r) for r in train_rows)
+    # the validation loss (6 images: measured on the training images) before the start and at each checkpoint
+    val_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val_rows] == [0, 2, 4] and {r["val_on"] for r in val_rows} == {"training images"}
     kinds = [e.kind for e in events]
-    assert kinds.count("step") == 4 and kinds.count("sample") == 2 and kinds[-1] == "status"
+    assert kinds.count("step") == 4 and kinds.count("sample") == 2 and kinds.count("validation") == 3
+    assert kinds[-1] == "status"
     step = next(e for e in events if e.kind == "step").data
     assert {"step", "total", "loss", "lr", "speed", "eta"} <= set(step)
     assert len(run.samples()) == 2

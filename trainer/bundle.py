@@ -10,32 +10,51 @@ from .errors import LoraLabError
 from .runs import RunDir, disk_full, removed_on_failure
 
 
-def loss_plot_png(rows: list[dict], path: Path) -> Path:
-    """A loss curve (raw and smoothed) drawn with Pillow, so no plotting library is needed."""
+def loss_plot_png(rows: list[dict], path: Path, val_rows: list[dict] = ()) -> Path:
+    """The loss curve (raw and smoothed) and the validation loss with its lowest point ringed, drawn with
+    Pillow, so no plotting library is needed."""
     from PIL import Image, ImageDraw
 
     w, h, pad = 640, 360, 40
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     d.rectangle((pad, pad // 2, w - pad // 2, h - pad), outline=(180, 180, 180))
-    d.text((pad, 4), "training loss (grey: per step, blue: smoothed)", fill=(0, 0, 0))
+    title = "training loss (grey: per step, blue: smoothed)"
     losses = [r["loss"] for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in val_rows]
+    if val:
+        title += ", orange: validation"
+    d.text((pad, 4), title, fill=(0, 0, 0))
     if len(losses) >= 2:
-        lo, hi = min(losses), max(losses)
-        span = (hi - lo) or 1.0
+        steps = [r["step"] for r in rows if "loss" in r]
+        first, last = min([steps[0]] + [s for s, _ in val]), max([steps[-1]] + [s for s, _ in val])
+        values = losses + [v for _, v in val]
+        lo, hi = min(values), max(values)
+        span, width = (hi - lo) or 1.0, (last - first) or 1
 
-        def xy(i, v):
-            return (pad + (w - 1.5 * pad) * i / (len(losses) - 1), h - pad - (h - 1.5 * pad) * (v - lo) / span)
+        def xy(step, v):
+            return (pad + (w - 1.5 * pad) * (step - first) / width, h - pad - (h - 1.5 * pad) * (v - lo) / span)
 
-        d.line([xy(i, v) for i, v in enumerate(losses)], fill=(170, 170, 170))
+        d.line([xy(s, v) for s, v in zip(steps, losses)], fill=(170, 170, 170))
         smooth, ema = [], losses[0]
         for v in losses:
             ema = 0.9 * ema + 0.1 * v
             smooth.append(ema)
-        d.line([xy(i, v) for i, v in enumerate(smooth)], fill=(30, 90, 200), width=2)
+        d.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(30, 90, 200), width=2)
+        if val:
+            orange = (230, 120, 20)
+            if len(val) > 1:
+                d.line([xy(s, v) for s, v in val], fill=orange, width=2)
+            for s, v in val:
+                x, y = xy(s, v)
+                d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=orange)
+            best_step, best = min(val, key=lambda sv: sv[1])
+            x, y = xy(best_step, best)
+            d.ellipse((x - 7, y - 7, x + 7, y + 7), outline=(0, 0, 0), width=2)
+            d.text((min(x + 9, w - 170), max(y - 18, pad // 2)), f"lowest {best:.4f} (step {best_step})", fill=(0, 0, 0))
         d.text((4, pad // 2), f"{hi:.3f}", fill=(0, 0, 0))
         d.text((4, h - pad - 10), f"{lo:.3f}", fill=(0, 0, 0))
-        d.text((w - pad * 2, h - pad + 6), f"step {rows[-1].get('step', len(losses))}", fill=(0, 0, 0))
+        d.text((w - pad * 2, h - pad + 6), f"step {last}", fill=(0, 0, 0))
     img.save(path)
     return path
 
@@ -104,7 +123,7 @@ def export_bundle(out: Path, images: list[tuple[str, object]], prompts: list[str
                 if (run_dir / "config.yaml").exists():
                     z.write(run_dir / "config.yaml", "config.yaml")
                 if (run_dir / "metrics.jsonl").exists():
-                    z.write(loss_plot_png(RunDir(run_dir).metrics(), plot), "loss.png")
+                    z.write(loss_plot_png(RunDir(run_dir).metrics(), plot, RunDir(run_dir).validation()), "loss.png")
                     plot.unlink()
                     z.write(run_dir / "metrics.jsonl", "metrics.jsonl")
     except OSError as e:

@@ -134,6 +134,26 @@ class SampleConfig:
 
 
 @dataclass
+class ValidationConfig:
+    enabled: bool = opt(True, "Measure a validation loss while training: fixed noise at fixed timesteps, so two "
+                              "measurements differ only by the weights. The step with the lowest is the best.")
+    share: float = opt(0.1, "Share of the images held out of training to measure on (at least 1), when the "
+                            "dataset has validation.min_images or more; 0 holds none out.", lo=0.0, hi=0.5)
+    min_images: int = opt(10, "Hold images out only from this many on; with fewer every image is trained on and "
+                              "the loss is measured on the training images (and labelled so).", lo=2, hi=1_000_000)
+    source: str = opt("", "A folder (or Hugging Face dataset) of validation images of its own; empty holds out "
+                          "a share of the training images.")
+    every_n_steps: int = opt(0, "Measure every N steps; 0 measures at each checkpoint (save.every_n_steps), or "
+                                "10 times a run when checkpoints are off.", lo=0, hi=10_000_000)
+    timesteps: int = opt(4, "Timesteps each image is measured at, spread evenly over the noise schedule.",
+                         lo=1, hi=100)
+    patience: int = opt(0, "Stop early after this many measurements without a new lowest loss (the run ends "
+                           "completed, with its best LoRA kept); 0 never stops early.", lo=0, hi=100_000)
+    keep_best: bool = opt(True, "Write the LoRA of the step with the lowest validation loss as "
+                                "<name>-best.safetensors when that is not the last step.")
+
+
+@dataclass
 class Config:
     name: str = opt("lora", "Run name; also the name of the LoRA file.")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -142,6 +162,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -161,7 +182,8 @@ class Config:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "name"}
 _SECTION_CLASSES = {"model": ModelConfig, "dataset": DatasetConfig, "network": NetworkConfig,
-                    "train": TrainConfig, "save": SaveConfig, "sample": SampleConfig}
+                    "train": TrainConfig, "save": SaveConfig, "sample": SampleConfig,
+                    "validation": ValidationConfig}
 
 
 def _got(value) -> str:

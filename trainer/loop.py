@@ -29,6 +29,7 @@ from .precision import ACCELERATE, DTYPE, mixed_precision
 from .prepare import Prepared, pick_device, prepare
 from .runs import DISK_FULL, DISK_FULL_ADVICE, RunDir, disk_full, new_run, removed_on_failure
 from .sampling import SamplingStopped, generate
+from .validation import TRAINING, best_of, every
 
 
 class NonFiniteLoss(Exception):
@@ -66,6 +67,8 @@ class Job:
         self.control = control or Control()
         self.main = True
         self.cuda = None  # the CUDA device being trained on, whose memory the progress reports
+        self.best, self.since_best = None, 0  # lowest validation loss (validation.Measurement), measurements since
+        self.validation_seconds = 0.0
 
     def emit(self, kind: str, **data) -> None:
         if self.main:
@@ -197,7 +200,7 @@ class Job:
                 tmp.replace(path)
             self.emit("sample", step=step, path=str(path), prompt=s.prompts[i])
 
-    def export(self, p: Prepared, step: int) -> Path:
+    def export(self, p: Prepared, step: int, path: Path | None = None) -> Path:
         cfg = self.cfg
         tensors = adapter_file_tensors(p.model, p.model.family, cfg.network.algorithm, cfg.network.alpha)
         res = (cfg.dataset.resolution, cfg.dataset.resolution)
@@ -206,9 +209,68 @@ class Job:
                                   [e.repeats for e in p.examples])
         meta = metadata(cfg, p.model.family, step, captions, len(p.examples), res, folders,
                         self.run.status().get("started"), p.model.prediction_type)
-        path = self.run.lora_path(cfg.name)
+        path = path or self.run.lora_path(cfg.name)
         with removed_on_failure(self.run.path, path.with_name(f".{path.name}.tmp")):  # save_file_atomic's temporary
             return save_file_atomic(tensors, path, meta, cfg.save.precision)
+
+    # --- validation ---------------------------------------------------------------------
+    @property
+    def best_path(self) -> Path:
+        return self.run.path / f"{self.run.lora_path(self.cfg.name).stem}-best.safetensors"
+
+    def start_validation(self, p: Prepared, step: int, unet, device, acc) -> int:
+        """Steps between measurements (0: none); picks up the best so far of a resumed run, and measures
+        the starting weights once, so the curve shows where it began."""
+        v = self.cfg.validation
+        if p.validator is None:
+            return 0
+        interval = every(v, self.cfg.save.every_n_steps, self.cfg.train.steps)
+        rows = self.run.validation()
+        self.best, self.since_best = best_of(rows)
+        if self.best and self.best_path.exists() and self.main:
+            from .lora_file import read_lora
+
+            if read_lora(self.best_path)[1].get("ss_steps") != str(self.best.step):
+                self.best_path.unlink()  # written past the checkpoint this run resumed from
+        on = " (too few images to hold any out: compare its trend, not its level)" if p.validator.label == TRAINING else ""
+        self.log(f"validation loss: {p.validator.description}, every {interval} steps{on}")
+        if not any(r["step"] == step for r in rows):
+            self.validate(p, step, unet, device, acc)
+        return interval
+
+    def validate(self, p: Prepared, step: int, unet, device, acc) -> bool:
+        """Measure, record, keep the best LoRA; True when validation.patience says to stop."""
+        v = self.cfg.validation
+        began = time.time()
+        loss = p.validator.measure(acc.unwrap_model(unet), device, acc.autocast,
+                                   p.model.text_encoders if self.cfg.network.train_text_encoder else [])
+        self.validation_seconds += time.time() - began
+        new_best = self.best is None or loss < self.best.loss
+        if new_best:
+            from .validation import Measurement
+
+            self.best, self.since_best = Measurement(step, loss), 0
+        else:
+            self.since_best += 1
+        if self.main:
+            self.run.append_metrics({"step": step, "val_loss": loss, "val_on": p.validator.label, "time": time.time()})
+            if new_best and v.keep_best and step > p.start_step:
+                self.export(p, step, self.best_path)
+            self.run.set_status("running", val_loss=loss, best_step=self.best.step, best_val_loss=self.best.loss)
+        self.emit("validation", step=step, loss=loss, best_step=self.best.step, best_loss=self.best.loss)
+        self.log(f"validation loss at step {step}: {loss:.5f}" + (" (lowest so far)" if new_best else
+                 f" (lowest {self.best.loss:.5f} at step {self.best.step})"))
+        return bool(v.patience and self.since_best >= v.patience)
+
+    def finish_validation(self, step: int) -> dict:
+        """Status keys of the best step; the best file goes when the last step is the best."""
+        if self.best is None:
+            return {}
+        self.log(f"validation took {self.validation_seconds:.1f} s of this session")
+        if self.best.step == step and self.best_path.exists():
+            self.best_path.unlink()
+        return {"best_step": self.best.step, "best_val_loss": self.best.loss, "validation_seconds": self.validation_seconds,
+                "best_lora": self.best_path.name if self.best_path.exists() else None}
 
     # --- the loop -----------------------------------------------------------------------
     def train(self, resume: bool) -> RunDir:
@@ -254,11 +316,13 @@ class Job:
         self.emit("status", state="running", step=step, total=total)
         if step >= total:
             self.log("nothing left to train")
+        val_every = self.start_validation(p, step, unet, device, acc)
         pending: list[tuple[int, torch.Tensor, float]] = []
         flush_every = 1 if device.type == "cpu" else 10  # reading a GPU loss waits for the GPU
         t0, done0, epochs = time.time(), step, {}
         last_loss = math.nan
-        while step < total:
+        stopped_early = False
+        while step < total and not stopped_early:
             if self.control.stop.is_set():
                 break
             optimizer.zero_grad(set_to_none=True)
@@ -283,9 +347,12 @@ class Job:
             sample_due = cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0
             save_now = Control.take(self.control.save_now)
             sample_now = Control.take(self.control.sample_now)
-            if len(pending) >= flush_every or save_due or save_now or step == total:
+            val_due = val_every and (step % val_every == 0 or step == total)
+            if len(pending) >= flush_every or save_due or save_now or step == total or val_due:
                 last_loss = self.flush(pending, acc, step, total, t0, done0)
                 pending = []
+            if val_due:
+                stopped_early = self.validate(p, step, unet, device, acc)
             if save_due or save_now:
                 self.save(p, step, acc)
                 if save_now:
@@ -296,7 +363,7 @@ class Job:
                 self.sample(p, step, acc.unwrap_model(unet), device)
         if pending:
             last_loss = self.flush(pending, acc, step, total, t0, done0)
-        if step < total:  # stopped
+        if step < total and not stopped_early:  # stopped
             if step > begun:  # else its checkpoint is the one it resumed from
                 self.save(p, step, acc)
             if self.main:
@@ -312,9 +379,17 @@ class Job:
             if cfg.sample.prompts and not (cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0):
                 self.sample(p, step, acc.unwrap_model(unet), device)
             path = self.export(p, step)
+            early = {}
+            if stopped_early:
+                early = {"stopped_early": step}
+                self.log(f"stopped early at step {step}: no lower validation loss in {cfg.validation.patience} "
+                         f"measurements (lowest {self.best.loss:.5f} at step {self.best.step})")
+            best = self.finish_validation(step)
             self.run.set_status("completed", step=step, total_steps=total, last_loss=last_loss, lora=path.name,
-                                finished=time.time())
+                                finished=time.time(), **early, **best)
             self.log(f"saved {path.name}")
+            if best.get("best_lora"):
+                self.log(f"saved {best['best_lora']} (step {best['best_step']}, the lowest validation loss)")
             self.emit("status", state="completed", step=step, lora=str(path))
         acc.wait_for_everyone()  # other processes end once the file exists
         return self.run

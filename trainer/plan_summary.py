@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+from .validation import plan_line
+
 # GB with bf16/fp16 frozen weights, from tests/bench/bench_memory.py (full-size models, fake tensors):
 UNET_GB = {"sd15": 1.6, "sd2": 1.6, "sdxl": 4.8, "tiny": 0.01}
 TEXT_GB = {"sd15": 0.23, "sd2": 0.68, "sdxl": 1.64, "tiny": 0.01}  # all text encoders
@@ -191,6 +193,7 @@ def plan(cfg, dataset_summary: dict | None, on_cpu: bool | None = None) -> dict:
         "warnings": warnings,
         "sampling": sp,
         "file_mb": file_mb(cfg, family),
+        "validation": plan_line(cfg, dataset_summary["images"] if dataset_summary else None),
     }
 
 
@@ -219,5 +222,7 @@ def describe(p: dict, dataset_summary: dict | None) -> str:
         many = "image" if sp["images"] == 1 else "images"
         lines.append(f"Samples: {sp['images']} {many} × {sp['steps']} steps at {sp['size']}, {when}; each round "
                      f"takes about as long as {sp['round_in_steps']} training steps{took}.")
+    if p.get("validation"):
+        lines.append(p["validation"])
     lines += [f"⚠️ {w}" for w in p["warnings"]]
     return "\n\n".join(lines)

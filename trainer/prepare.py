@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -14,6 +15,7 @@ from .errors import LoraLabError
 from .lora_file import read_lora
 from .models.load import BaseModel, load_base
 from .optim import make_optimizer, make_scheduler
+from .validation import HELD_OUT, OWN_FOLDER, TRAINING, Validator, hold_out
 
 
 def pick_device(name: str) -> torch.device:
@@ -51,6 +53,7 @@ class Prepared:
     batches_per_epoch: int
     start_step: int = 0
     notes: list[str] = field(default_factory=list)
+    validator: Validator | None = None
 
 
 def load_data(cfg, model: BaseModel) -> tuple[Dataset, list[Example]]:
@@ -71,12 +74,12 @@ def cast(module: torch.nn.Module, device, dtype) -> None:
     torch.nn.Module.to(module, device, dtype)
 
 
-def fill_caches(cfg, model, ds, examples, cache_dir: Path, device, log) -> tuple[list[Example], LatentCache, TextCache | None]:
-    """Encode latents (and frozen text embeddings); the encoders then leave the accelerator."""
+def encode_latents(cfg, model, ds, examples, cache_dir: Path, device, log, flip: bool) -> tuple[list[Example], LatentCache]:
+    """Latents of `examples` (unreadable images left out, and listed among the dataset's problems)."""
     d = cfg.dataset
     cast(model.vae, device, torch.float32)  # fp32: the SDXL VAE overflows in fp16
     latents = LatentCache(cache_dir, model, "crop" if d.bucketing else d.resize, d.cache_latents)
-    bad = latents.fill(ds, examples, d.flip, device, ds.problems)
+    bad = latents.fill(ds, examples, flip, device, ds.problems)
     model.vae.to("cpu")
     if bad:
         for n in bad:
@@ -84,15 +87,22 @@ def fill_caches(cfg, model, ds, examples, cache_dir: Path, device, log) -> tuple
         keep = [n for n in range(len(examples)) if n not in set(bad)]
         latents.data = {(keep.index(n), f): v for (n, f), v in latents.data.items() if n in keep}
         examples = [examples[n] for n in keep]
-        if not examples:
-            raise LoraLabError("None of the dataset's images could be read.", "See the problems listed for each file.")
+    return examples, latents
+
+
+def fill_caches(cfg, model, ds, examples, cache_dir: Path, device, log,
+                more_captions: list[str] = ()) -> tuple[list[Example], LatentCache, TextCache | None]:
+    """Encode latents (and frozen text embeddings); the encoders then leave the accelerator."""
+    examples, latents = encode_latents(cfg, model, ds, examples, cache_dir, device, log, cfg.dataset.flip)
+    if not examples:
+        raise LoraLabError("None of the dataset's images could be read.", "See the problems listed for each file.")
     log(f"latents: {latents.encoded} encoded, {latents.reused} read from the cache")
     text = None
     if text_is_cached(cfg):
         for te in model.text_encoders:
             te.to(device)
         text = TextCache(cache_dir, model, True)
-        text.fill([e.caption for e in examples] + [""], device)
+        text.fill([e.caption for e in examples] + list(more_captions) + [""], device)
         for te in model.text_encoders:
             te.to("cpu")
         log(f"text embeddings: {text.encoded} encoded, {text.reused} read from the cache")
@@ -180,11 +190,51 @@ def prepare(cfg, workspace: Path, device, weight_dtype, log, processes: int = 1)
     log(f"dataset: {len(ds.items)} images ({ds.layout}), {len(ds.problems)} problems")
     for p in ds.problems:
         log(f"  problem: {p}")
-    examples, latents, text = fill_caches(cfg, model, ds, examples, Path(workspace) / "cache", device, log)
+    cache = Path(workspace) / "cache"
+    own = validation_folder(cfg, model, log) if cfg.validation.enabled and cfg.validation.source else None
+    examples, latents, text = fill_caches(cfg, model, ds, examples, cache, device, log,
+                                          [e.caption for e in own[1]] if own else [])
+    examples, latents, validator = split_validation(cfg, model, examples, latents, text, own, cache, device, log)
     groups, start = setup_adapters(cfg, model, device, weight_dtype)
     opt = make_optimizer(cfg.train.optimizer, groups, cfg.train.learning_rate, cfg.train.weight_decay, device)
     sched = make_scheduler(cfg.train.lr_scheduler, opt, cfg.train.warmup_steps, cfg.train.steps)
     bpe = len(epoch_batches(examples, cfg.train.batch_size * processes, cfg.train.seed, 0))
     params = [p for g in groups for p in g["params"]]
-    return Prepared(model, ds, examples, latents, text, params, opt, sched, bpe, start)
+    return Prepared(model, ds, examples, latents, text, params, opt, sched, bpe, start, validator=validator)
+
+
+def validation_folder(cfg, model, log) -> tuple[Dataset, list[Example]]:
+    v, d = cfg.validation, cfg.dataset
+    vds = load_dataset_source(v.source, d.split, d.image_column, d.caption_column, d.caption_extension)
+    vexamples = plan_examples(vds, d, model_multiple(model))
+    for problem in vds.problems:
+        log(f"  validation problem: {problem}")
+    return vds, vexamples
+
+
+def split_validation(cfg, model, examples, latents, text, own, cache: Path, device, log):
+    """(training examples, their latents, the Validator or None): a held-out share, a folder of its own,
+    or the training images themselves when there are too few to spare any."""
+    v = cfg.validation
+    if not v.enabled:
+        return examples, latents, None
+    if own:
+        vexamples, vlatents = encode_latents(cfg, model, own[0], own[1], cache, device, log, flip=False)
+        if not vexamples:
+            raise LoraLabError(f"None of the images in validation.source {v.source} could be read.",
+                               "See the problems in the log, or leave validation.source empty.")
+        return examples, latents, Validator(vexamples, vlatents, text, model, v.timesteps, cfg.train.seed, OWN_FOLDER)
+    held = hold_out(len(examples), v, cfg.train.seed)
+    kept = [n for n in range(len(examples)) if n not in set(held)]
+    if held and sum(examples[n].repeats for n in kept) < cfg.train.batch_size:
+        log(f"validation: no images held out (train.batch_size {cfg.train.batch_size} needs them all)")
+        held, kept = [], list(range(len(examples)))
+    if not held:
+        return examples, latents, Validator(examples, latents, text, model, v.timesteps, cfg.train.seed, TRAINING)
+    held_latents = SimpleNamespace(data={(i, False): latents.data[(n, False)] for i, n in enumerate(held)})
+    position = {n: i for i, n in enumerate(kept)}
+    latents.data = {(position[n], f): e for (n, f), e in latents.data.items() if n in position}
+    vexamples = [examples[n] for n in held]
+    return ([examples[n] for n in kept], latents,
+            Validator(vexamples, held_latents, text, model, v.timesteps, cfg.train.seed, HELD_OUT))
 

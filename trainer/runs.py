@@ -139,6 +139,15 @@ class RunDir:
             f.write(json.dumps(row) + "\n")
 
     def metrics(self) -> list[dict]:
+        """The training loss rows (one per step): {step, loss, lr, time}."""
+        return [r for r in self.all_metrics() if "loss" in r]
+
+    def validation(self) -> list[dict]:
+        """The validation rows: {step, val_loss, val_on, time}."""
+        return [r for r in self.all_metrics() if "val_loss" in r]
+
+    def all_metrics(self) -> list[dict]:
+        """Every row of metrics.jsonl: training rows and validation rows, in the order written."""
         rows = []
         try:
             with open(self.metrics_path, encoding="utf-8") as f:
@@ -153,7 +162,7 @@ class RunDir:
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop rows past a checkpoint, so a resumed run writes one continuous curve."""
-        rows = [r for r in self.metrics() if r.get("step", 0) <= after_step]
+        rows = [r for r in self.all_metrics() if r.get("step", 0) <= after_step]
         tmp = self.metrics_path.with_name(".metrics.tmp")
         with removed_on_failure(self.path, tmp):
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -201,6 +201,8 @@ def check_config(ctx, cfg) -> None:
     """Confine every path a config names to what the caller may read (rewriting them as absolute
     paths for the trainer), and in Space mode keep the run within the demo's caps."""
     cfg.dataset.source = dataset_source(ctx, cfg.dataset.source)
+    if cfg.validation.source:
+        cfg.validation.source = dataset_source(ctx, cfg.validation.source)
     cfg.model.base = base_model(ctx, cfg.model.base)
     if cfg.model.config_dir:
         p = read_path(ctx, cfg.model.config_dir)

@@ -5,7 +5,7 @@ import dataclasses
 
 import gradio as gr
 
-from trainer.config import Config, config_from_dict, field_specs
+from trainer.config import SECTIONS, Config, config_from_dict, field_specs
 
 # Shown up front; everything else sits in folded groups per section.
 COMMON = ["name", "model.base", "dataset.caption_prefix", "dataset.resolution", "network.algorithm",
@@ -47,7 +47,7 @@ def _component(key: str, f: dataclasses.Field, value, base_models: list[str]):
 
 def all_keys() -> list[tuple[str, dataclasses.Field]]:
     out = [("name", dataclasses.fields(Config)[0])]
-    for section in ("model", "dataset", "network", "train", "save", "sample"):
+    for section in SECTIONS:
         out += [(f"{section}.{f.name}", f) for f in field_specs(section)]
     return [(k, f) for k, f in out if k not in HIDDEN]
 
@@ -73,7 +73,7 @@ def build_form(base_models: list[str], cfg: Config | None = None) -> dict:
         with gr.Row():
             for key in COMMON[10:]:
                 comps[key] = _component(key, specs[key], _value(cfg, key), base_models)
-    for section in ("model", "dataset", "network", "train", "save", "sample"):
+    for section in SECTIONS:
         rest = [(k, f) for k, f in all_keys() if k.startswith(section + ".") and k not in COMMON]
         with gr.Accordion(f"More {section} options", open=False):
             for i in range(0, len(rest), 3):

@@ -13,6 +13,7 @@ import anyio
 import gradio as gr
 
 from trainer.runs import RunDir
+from trainer.validation import TRAINING
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,14 @@ def thin(rows: list[dict]) -> list[dict]:
     return rows[::every] + ([rows[-1]] if (len(rows) - 1) % every else [])
 
 
-def loss_frame(rows: list[dict]):
+def validation_label(val_rows: list[dict]) -> str:
+    """The validation series' name, which says where its lowest point is and what it was measured on."""
+    best = min(val_rows, key=lambda r: r["val_loss"])
+    on = " on training images" if val_rows[-1].get("val_on") == TRAINING else ""
+    return f"validation{on} (lowest at step {best['step']})"
+
+
+def loss_frame(rows: list[dict], val_rows: list[dict] = ()):
     import pandas as pd
 
     if not rows:
@@ -47,7 +55,11 @@ def loss_frame(rows: list[dict]):
     keep = {r["step"] for r in thin(rows)}
     pts = [(st, r, sm) for st, r, sm in zip(steps, raw, smooth) if st in keep]
     steps, raw, smooth = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
-    return pd.DataFrame({"step": steps * 2, "loss": raw + smooth, "series": ["raw"] * len(raw) + ["smoothed"] * len(raw)})
+    val = thin(list(val_rows))
+    label = validation_label(val) if val else ""
+    return pd.DataFrame({"step": steps * 2 + [r["step"] for r in val],
+                         "loss": raw + smooth + [r["val_loss"] for r in val],
+                         "series": ["raw"] * len(raw) + ["smoothed"] * len(raw) + [label] * len(val)})
 
 
 def lr_frame(rows: list[dict]):
@@ -85,6 +97,11 @@ def progress_html(st: dict, latest: dict, name: str = "") -> str:
         bits.append(f"<b>{latest['phase']}</b>")
     if isinstance(st.get("last_loss"), (int, float)) and math.isfinite(st["last_loss"]):  # none before step 1
         bits.append(f"loss {st['last_loss']:.4f}")
+    if isinstance(st.get("val_loss"), (int, float)):
+        bits.append(f"validation {st['val_loss']:.4f} (lowest {st['best_val_loss']:.4f} at step {st['best_step']})")
+    if state == "completed" and st.get("stopped_early"):
+        bits[bits.index(f"<b style='color:{color}'>{STATE_ICON.get(state, state)}</b>")] = (
+            f"<b style='color:{color}'>completed (stopped early at step {st['stopped_early']})</b>")
     msg = ""
     if state in ("failed", "interrupted"):
         msg = (f"<p class='run-error'><b>{html.escape(str(st.get('error', '')))}</b> "
@@ -151,7 +168,7 @@ def live_update(run: RunDir | None, latest: dict, last: dict | None):
     settled = st.get("state") not in ("running", "queued")
     if state["metrics"] != last.get("metrics") and (settled or now - state["plotted_at"] >= PLOT_EVERY):
         rows = run.metrics()
-        out[1], out[2] = loss_frame(rows), lr_frame(rows)
+        out[1], out[2] = loss_frame(rows, run.validation()), lr_frame(rows)
         state["plotted_at"] = now
     else:
         state["metrics"] = last.get("metrics")  # not drawn yet: compare against what the page has

@@ -243,7 +243,12 @@ def build(ctx, data):
         info = f"{STATE_ICON.get(st.get('state'), '')} — step {st.get('step', 0)}/{st.get('total_steps', '?')}"
         if st.get("error"):
             info += f" — {st['error']} {st.get('advice', '')}"
-        return (info, run.config_path.read_text(), loss_frame(run.metrics()), sample_items(run),
+        if st.get("stopped_early"):
+            info += f" — stopped early at step {st['stopped_early']}"
+        if isinstance(st.get("best_val_loss"), (int, float)):
+            kept = f", kept as {st['best_lora']}" if st.get("best_lora") else ""
+            info += f" — lowest validation loss {st['best_val_loss']:.4f} at step {st['best_step']}{kept}"
+        return (info, run.config_path.read_text(), loss_frame(run.metrics(), run.validation()), sample_items(run),
                 str(lora) if lora and lora.exists() else None)
 
     def opened_update(session, last):

@@ -320,8 +320,8 @@ class ComfyUI:
 # --- sd-scripts -----------------------------------------------------------------------------------------
 class WithTextModelLevel(torch.nn.Module):
     """sd-scripts pins transformers 4, whose CLIPTextModel keeps its layers under `text_model.`; it names
-    LoRA modules after that path (`lora_te_text_model_encoder_…`). transformers 5 dropped the level, so
-    the text encoder is put back under one for sd-scripts to walk."""
+    LoRA modules after that path (`lora_te_text_model_encoder_…`). transformers 5 dropped the level from
+    CLIPTextModel, so that text encoder is put back under one for sd-scripts to walk."""
 
     def __init__(self, te):
         super().__init__()
@@ -345,8 +345,11 @@ class SdScripts:
         self.unet = self._unet(model)
         # Module copies that share the weight tensors (no second copy of the weights): each layer is
         # merged and put back one at a time, in check().
-        self.text_encoders = [WithTextModelLevel(copy.deepcopy(te, {id(t): t for t in te.state_dict(keep_vars=True).values()}))
-                              for te in model.text_encoders]
+        self.text_encoders = []
+        for te in model.text_encoders:
+            te = copy.deepcopy(te, {id(t): t for t in te.state_dict(keep_vars=True).values()})
+            # transformers 5's CLIPTextModelWithProjection (SDXL's second) still has its text_model level
+            self.text_encoders.append(te if hasattr(te, "text_model") else WithTextModelLevel(te))
 
     def _unet(self, model):
         """The UNet sd-scripts trains on when given a diffusers folder (train_util._load_target_model and
