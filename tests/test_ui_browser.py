@@ -16,6 +16,7 @@ from PIL import Image
 
 from app_server import ROOT, AppServer
 from tiny_captioners import make_tiny_blip
+from tiny_clip import save_tiny_clip
 from trainer.data.demo import make_demo_dataset
 from trainer.demo.classify import classify
 
@@ -155,8 +156,11 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
              what="the running run's settings in the form after refresh")
     wait_for(lambda: progress(page)[0] == "completed", 180, what="completed run")
     page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
-    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 151))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 151))
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 50, 100, 150]  # the validation loss, each checkpoint
+    wait_for(lambda: "validation on training images (lowest at step" in (page.locator("#loss-plot").text_content() or ""),
+             30, what="the validation series in the loss plot's legend")
 
     # Test: compare with the base model from the same seed, then export the zip.
     # Opening the tab offers the new LoRA first, named with its family and step; with the prompt box
@@ -193,10 +197,15 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     assert [e["file"] for e in settings["images"]] == [n.removeprefix("images/") for n in images]
     assert settings["images"][-1]["loras"] == [{"file": "browser-run.safetensors", "strength": 1.0}]
 
-    # The strength sweep (LoRA 1 at 0 … 1) and the checkpoints × prompts grid of its run.
+    # The strength sweep (LoRA 1 at 0 … 1) and the checkpoints × prompts grid of its run, scored by a CLIP
+    # model (a tiny one built here: its numbers mean nothing, the path is what is tested).
+    page.fill("#test-score-model textarea, #test-score-model input", str(save_tiny_clip(tmp_path / "clip")))
     page.get_by_role("button", name="Strength sweep (LoRA 1)").click()
     wait_for(lambda: page.locator("#test-gallery img").count() == 5 and "strength 0.75" in page.inner_text(
         "#test-gallery"), 120, what="a sweep of five strengths")
+    wait_for(lambda: "strength" in page.inner_text("#test-message").lower(), 60, what="the sweep's recommendation")
+    assert "likeness" in page.inner_text("#test-gallery") and "prompt" in page.inner_text("#test-gallery")
+    page.screenshot(path=str(SHOTS / "test-sweep.png"), full_page=True)
     page.get_by_role("button", name="Checkpoints × prompts (LoRA 1's run)").click()
     saved = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
     wait_for(lambda: all(f"step {n} · lablora" in page.inner_text("#test-gallery") for n in saved), 120,

@@ -131,6 +131,8 @@ class SampleConfig:
     width: int = opt(0, "Sample width; 0 uses the training resolution.", lo=0, hi=4096)
     height: int = opt(0, "Sample height; 0 uses the training resolution.", lo=0, hi=4096)
     scheduler: str = opt("euler_a", "Sampler.", choices=["euler_a", "euler", "ddim", "dpmpp_2m"])
+    score_model: str = opt("", "A CLIP model (local folder, or hub id while online) to score each sample for "
+                               "likeness to the training images, prompt following and near-copies; empty: no scores.")
 
 
 @dataclass

@@ -5,6 +5,7 @@ add noise, predict it, step; report, save and sample on schedule; honour stop wi
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -69,6 +70,7 @@ class Job:
         self.cuda = None  # the CUDA device being trained on, whose memory the progress reports
         self.best, self.since_best = None, 0  # lowest validation loss (validation.Measurement), measurements since
         self.validation_seconds = 0.0
+        self.scoring = None  # (Scorer, Reference) once loaded; False when scores are off for this run
 
     def emit(self, kind: str, **data) -> None:
         if self.main:
@@ -199,6 +201,34 @@ class Job:
                 img.save(tmp, format="PNG")
                 tmp.replace(path)
             self.emit("sample", step=step, path=str(path), prompt=s.prompts[i])
+        self.score_samples(p, step, images)
+
+    def score_samples(self, p: Prepared, step: int, images) -> None:
+        """CLIP scores of one round of samples, to samples/scores.jsonl and the log; a CLIP model that does
+        not load turns scores off for the run (with the reason in the log), never the run itself."""
+        s = self.cfg.sample
+        if not s.score_model or self.scoring is False:
+            return
+        from .scores import COPY_SIMILARITY, load_scorer, mean, training_reference
+
+        try:
+            if self.scoring is None:
+                scorer = load_scorer(s.score_model)
+                self.scoring = scorer, training_reference(scorer, p.dataset, p.examples)
+            scores = self.scoring[0].score(images, s.prompts[:len(images)], self.scoring[1])
+        except LoraLabError as e:
+            self.scoring = False
+            self.log(f"sample scores off for this run: {e.problem} {e.fix}")
+            return
+        with open(self.run.samples_dir / "scores.jsonl", "a", encoding="utf-8") as f:
+            for i, sc in enumerate(scores):
+                f.write(json.dumps({"step": step, "index": i, "prompt": s.prompts[i], **sc.row()}) + "\n")
+        self.log(f"sample scores at step {step}: likeness {mean(x.likeness for x in scores):.3f}, "
+                 f"prompt {mean(x.prompt for x in scores):.3f}")
+        for i, sc in enumerate(scores):
+            if sc.copy:
+                self.log(f"warning: sample {i + 1} at step {step} is a near-copy of the training image {sc.nearest} "
+                         f"(similarity {sc.similarity:.3f} ≥ {COPY_SIMILARITY}): the LoRA may be memorising its images")
 
     def export(self, p: Prepared, step: int, path: Path | None = None) -> Path:
         cfg = self.cfg

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+from .scores import NEEDS_MODEL
 from .validation import plan_line
 
 # GB with bf16/fp16 frozen weights, from tests/bench/bench_memory.py (full-size models, fake tensors):
@@ -194,6 +195,9 @@ def plan(cfg, dataset_summary: dict | None, on_cpu: bool | None = None) -> dict:
         "sampling": sp,
         "file_mb": file_mb(cfg, family),
         "validation": plan_line(cfg, dataset_summary["images"] if dataset_summary else None),
+        "scores": (None if not cfg.sample.prompts else
+                   f"Sample scores (likeness, prompt following, near-copies) with {cfg.sample.score_model}."
+                   if cfg.sample.score_model else f"Sample scores: off. {NEEDS_MODEL}"),
     }
 
 
@@ -222,7 +226,8 @@ def describe(p: dict, dataset_summary: dict | None) -> str:
         many = "image" if sp["images"] == 1 else "images"
         lines.append(f"Samples: {sp['images']} {many} × {sp['steps']} steps at {sp['size']}, {when}; each round "
                      f"takes about as long as {sp['round_in_steps']} training steps{took}.")
-    if p.get("validation"):
-        lines.append(p["validation"])
+    for key in ("scores", "validation"):
+        if p.get(key):
+            lines.append(p[key])
     lines += [f"⚠️ {w}" for w in p["warnings"]]
     return "\n\n".join(lines)

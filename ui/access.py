@@ -197,12 +197,23 @@ def dataset_source(ctx, text) -> str:
     return str(read_path(ctx, t))
 
 
+def clip_model(ctx, text) -> str:
+    """A CLIP model for scores: a hub id as it is (not on a Space), else a folder the caller may read."""
+    spec = dataset_source(ctx, text)
+    if Path(spec).is_absolute() and not Path(spec).is_dir():
+        raise LoraLabError(f"{shown(text)} is not a folder with a CLIP model.",
+                           "Give the folder that holds its config.json and weights, or leave it empty.")
+    return spec
+
+
 def check_config(ctx, cfg) -> None:
     """Confine every path a config names to what the caller may read (rewriting them as absolute
     paths for the trainer), and in Space mode keep the run within the demo's caps."""
     cfg.dataset.source = dataset_source(ctx, cfg.dataset.source)
     if cfg.validation.source:
         cfg.validation.source = dataset_source(ctx, cfg.validation.source)
+    if cfg.sample.score_model:
+        cfg.sample.score_model = clip_model(ctx, cfg.sample.score_model)
     cfg.model.base = base_model(ctx, cfg.model.base)
     if cfg.model.config_dir:
         p = read_path(ctx, cfg.model.config_dir)

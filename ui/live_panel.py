@@ -123,13 +123,37 @@ def sample_items(run: RunDir) -> list[tuple[str, str]]:
         prompts = load(run.config_path).sample.prompts
     except Exception:  # a config being rewritten or gone: label by step alone
         prompts = []
+    scores = sample_scores(run)
     out = []
     for p in run.samples():
         step, _, i = p.stem.removeprefix("step").partition("_")
         label = f"step {int(step)}" if step.isdigit() else p.stem
         if i.isdigit() and int(i) < len(prompts):
             label += f" · {prompts[int(i)]}"
+        if step.isdigit() and i.isdigit() and (int(step), int(i)) in scores:
+            label += f" · {scores[int(step), int(i)]}"
         out.append((str(p), label))
+    return out
+
+
+def sample_scores(run: RunDir) -> dict[tuple[int, int], str]:
+    """(step, index) → the score line of each scored sample (samples/scores.jsonl)."""
+    import json
+
+    from trainer.scores import Score
+
+    out = {}
+    path = run.samples_dir / "scores.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            r = json.loads(line)
+            out[r["step"], r["index"]] = Score(r["likeness"], r["prompt"], r["nearest"], r["similarity"]).caption()
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short
     return out
 
 

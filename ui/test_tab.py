@@ -12,6 +12,7 @@ from trainer.sampling import SCHEDULERS
 
 from . import access, scope, space
 from .errors import guarded
+from .test_scores import picked_info, recommendation, score_records
 
 SLOTS = 3
 SESSION_MAX = 400  # images kept for the export; older ones drop out (the page says so)
@@ -79,6 +80,7 @@ def build(ctx):
             lora_boxes.append(gr.Dropdown(lora_choices(), value=None, label=f"LoRA {i + 1}", allow_custom_value=True,
                                           elem_id=f"test-lora-{i}", scale=3))
             strength_boxes.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="Strength", scale=1))
+    lora_info = gr.Markdown(elem_id="test-lora-info")
     upload = gr.File(label="Upload a LoRA (.safetensors)", file_types=[".safetensors"])
     prompts = gr.Textbox(label="Prompts (one per line)", lines=3, elem_id="test-prompts")
     negative = gr.Textbox(label="Negative prompt")
@@ -94,6 +96,9 @@ def build(ctx):
         compare_btn = gr.Button("Compare with base", elem_id="test-compare")
         sweep_btn = gr.Button("Strength sweep (LoRA 1)")
         grid_btn = gr.Button("Checkpoints × prompts (LoRA 1's run)")
+    score_model = gr.Textbox(label="CLIP model for scores under the sweep and grid images",
+                             placeholder="empty: the one LoRA 1's run scored its samples with; a folder, or a hub "
+                                         "id while online", elem_id="test-score-model")
     message = gr.Markdown(elem_id="test-message")
     gallery = gr.Gallery(label="Results", columns=4, height="auto", elem_id="test-gallery")
     images = gr.State([])  # the last click's images, with how each was made
@@ -165,11 +170,26 @@ def build(ctx):
                  "loras": [(str(path), float(strength)) for path, strength in loras]}
                 for img, p in zip(imgs, lines)]
 
-    def pack(records):
+    def pack(records, note: str = ""):
         batch = time.time_ns()
         for r in records:
             r["batch"] = batch
-        return "", [(r["image"], r["caption"]) for r in records], records
+        return note, [(r["image"], r["caption"]) for r in records], records
+
+    def scored(records, lora, clip, sweep: bool) -> str:
+        """Scores under each image (and the sweep's recommended strength); a CLIP model that does not
+        load leaves the images and says why."""
+        try:
+            note = score_records(ctx, records, lora, clip)
+            if sweep and all("score" in r for r in records) and records:
+                note = (note + "\n\n" if note else "") + recommendation(ctx, records, lora)
+            return note
+        except LoraLabError as e:
+            return f"No scores: {e.problem} {e.fix}"
+
+    def split_clip(ls):
+        """The LoRA slots and strengths, and the CLIP model box (the sweep and grid have it last)."""
+        return ls[:2 * SLOTS], (ls[2 * SLOTS] if len(ls) > 2 * SLOTS else "")
 
     @guarded(3)
     @with_progress
@@ -200,6 +220,7 @@ def build(ctx):
     @guarded(3)
     @with_progress
     def on_sweep(spec, text, neg, sd, st, g, w, h, sch, *ls, progress=None):
+        ls, clip = split_clip(ls)
         text = prompts_for(text, ls[0])
         if not ls[0]:
             raise LoraLabError("No LoRA picked.", "Pick a LoRA in slot 1.")
@@ -208,12 +229,14 @@ def build(ctx):
         counter = counter_for(progress, text, len(STRENGTHS))
         for s in STRENGTHS:
             imgs = gen(spec, text, neg, sd, st, g, w, h, sch, [(lora, s)], counter)
-            records += made(imgs, lines, f"strength {s}", spec, neg, sd, st, g, sch, [(lora, s)])
-        return pack(records)
+            records += [{**r, "strength": s} for r in made(imgs, lines, f"strength {s}", spec, neg, sd, st, g, sch,
+                                                           [(lora, s)])]
+        return pack(records, scored(records, lora, clip, sweep=True))
 
     @guarded(3)
     @with_progress
     def on_grid(spec, text, neg, sd, st, g, w, h, sch, *ls, progress=None):
+        ls, clip = split_clip(ls)
         text = prompts_for(text, ls[0])
         from trainer.checkpoint_lora import checkpoint_loras
 
@@ -228,7 +251,7 @@ def build(ctx):
             loras = [(path, float(ls[SLOTS]))]
             imgs = _generate(model, text.splitlines(), neg, sd, st, g, w, h, sch, loras, counter)
             records += made(imgs, lines, f"step {step}", spec, neg, sd, st, g, sch, loras)
-        return pack(records)
+        return pack(records, scored(records, access.lora(ctx, ls[0]), clip, sweep=False))
 
     outs = [message, gallery, images]
     ins = [*common, *lora_boxes, *strength_boxes]
@@ -242,9 +265,16 @@ def build(ctx):
         kept = kept[dropped:]
         return kept, session_text(kept, dropped)
 
-    for btn, fn in ((gen_btn, on_generate), (compare_btn, on_compare), (sweep_btn, on_sweep), (grid_btn, on_grid)):
-        btn.click(fn, ins, outs).then(add_to_session, [images, session], [session, session_info],
-                                      api_visibility="private")
+    for btn, fn, extra in ((gen_btn, on_generate, []), (compare_btn, on_compare, []),
+                           (sweep_btn, on_sweep, [score_model]), (grid_btn, on_grid, [score_model])):
+        btn.click(fn, ins + extra, outs).then(add_to_session, [images, session], [session, session_info],
+                                              api_visibility="private")
+
+    @guarded(1)
+    def on_pick(value):
+        return picked_info(ctx, value)
+
+    lora_boxes[0].change(on_pick, lora_boxes[0], lora_info, api_visibility="private")
 
     def on_clear():
         return [], "Started a new set: the images above stay on screen, the next export holds only what you make " \
