@@ -87,5 +87,13 @@ def test_the_sweep_writes_its_recommendation_into_the_file_and_picking_it_shows_
     with safe_open(str(lora), "pt") as f:
         assert f.metadata()["lora_lab_recommended_strength"] == "0.5" and f.metadata()["ss_steps"] == "2"
     assert picked_info(ctx, str(lora)).startswith("Recommended strength: **0.5**")
+    # the sweep's images get no scores, and the page says what they need, without a CLIP model
+    from ui.test_scores import score_records
+
+    records = [{"image": Image.new("RGB", (64, 64)), "prompt": "lablora", "caption": "strength 0 · lablora"}]
+    assert score_records(ctx, records, lora, "").startswith("Scores need a CLIP model: give a local CLIP folder")
+    assert "score" not in records[0] and records[0]["caption"] == "strength 0 · lablora"
+    uploaded = tmp_path / "uploaded.safetensors"  # a file that is not in a run folder: no training images
+    assert "pick a LoRA made by a run" in score_records(ctx, records, uploaded, str(clip))
     elsewhere = SimpleNamespace(workspace=tmp_path / "other", space=False, per_user=False, local=True)
     assert "not written into rec.safetensors" in recommendation(elsewhere, records, lora)

@@ -290,7 +290,12 @@ class Job:
         self.emit("validation", step=step, loss=loss, best_step=self.best.step, best_loss=self.best.loss)
         self.log(f"validation loss at step {step}: {loss:.5f}" + (" (lowest so far)" if new_best else
                  f" (lowest {self.best.loss:.5f} at step {self.best.step})"))
-        return bool(v.patience and self.since_best >= v.patience)
+        stop = [bool(v.patience and self.since_best >= v.patience)]
+        if acc.num_processes > 1:  # the main process decides: every process must leave the loop at the same step
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(stop)
+        return stop[0]
 
     def finish_validation(self, step: int) -> dict:
         """Status keys of the best step; the best file goes when the last step is the best."""

@@ -83,7 +83,10 @@ def progress_html(st: dict, latest: dict, name: str = "") -> str:
     pct = min(100, int(100 * step / total))
     state = st.get("state", "")
     color = STATE_COLOR.get(state, "#374151")
-    bits = [f"<b style='color:{color}'>{STATE_ICON.get(state, state)}</b>", f"step {step} / {total}"]
+    label = STATE_ICON.get(state, state)
+    if state == "completed" and st.get("stopped_early"):
+        label = f"completed (stopped early at step {st['stopped_early']})"
+    bits = [f"<b style='color:{color}'>{label}</b>", f"step {step} / {total}"]
     if name:
         bits.insert(0, f"<b class='run-name'>{html.escape(name)}</b>")
     if state == "running" and latest.get("speed"):
@@ -99,9 +102,6 @@ def progress_html(st: dict, latest: dict, name: str = "") -> str:
         bits.append(f"loss {st['last_loss']:.4f}")
     if isinstance(st.get("val_loss"), (int, float)):
         bits.append(f"validation {st['val_loss']:.4f} (lowest {st['best_val_loss']:.4f} at step {st['best_step']})")
-    if state == "completed" and st.get("stopped_early"):
-        bits[bits.index(f"<b style='color:{color}'>{STATE_ICON.get(state, state)}</b>")] = (
-            f"<b style='color:{color}'>completed (stopped early at step {st['stopped_early']})</b>")
     msg = ""
     if state in ("failed", "interrupted"):
         msg = (f"<p class='run-error'><b>{html.escape(str(st.get('error', '')))}</b> "

@@ -444,7 +444,9 @@ def check_case(model, tools, case: Case, args, gen) -> list[Row]:
     return rows
 
 
-def check_family(family: str, args) -> list[Row]:
+def check_family(family: str, args, done: list[Row] = ()) -> list[Row]:
+    """Every case of one family; the report is rewritten after each case (with the rows of `done` first), so
+    a run the system stops for memory keeps what it measured."""
     from random_model import make_random_model
 
     folder = make_random_model(family, args.model_dir(family))
@@ -459,6 +461,7 @@ def check_family(family: str, args) -> list[Row]:
             print_row(row)
         print(f"  ({case.name}: {time.time() - t0:.0f} s)", flush=True)
         rows += new
+        write_report([*done, *rows], args)
         release_memory()
     del model, tools
     gc.collect()
@@ -535,8 +538,7 @@ def main(argv=None):
     print(" | ".join(COLUMNS))
     rows = []
     for family in args.family:
-        rows += check_family(family, args)
-    write_report(rows, args)
+        rows += check_family(family, args, rows)
 
 
 if __name__ == "__main__":
