@@ -14,6 +14,8 @@ from safetensors.torch import save_file
 from conftest import tiny_config
 from helpers import unet_output
 from trainer.errors import LoraLabError
+from trainer.export import kohya_key, named_parts
+from trainer.lora_formats import layout
 from trainer.ldm_names import unet_ldm_names
 from trainer.lora_file import AppliedLoras, lora_info
 from trainer.loop import run_job
@@ -119,11 +121,13 @@ def test_a_peft_save_pretrained_file_gives_the_peft_models_output(tmp_path):
 
 def test_files_in_comfyui_and_sd_scripts_sdxl_naming_load_like_our_own(tmp_path, demo_dir):
     """ComfyUI's SaveLoRA writes `diffusion_model.<original name>.lora_up.weight` (and `diff_b` for
-    biases); sd-scripts' SDXL files `lora_unet_input_blocks_…`, diffusers' kohya conversion and
-    OneTrainer `lora_unet_down_blocks_…`. All name the same layers. Our SD 1.x files use diffusers'
-    names, our SDXL files the original ones, as sd-scripts writes each."""
+    biases); sd-scripts' SDXL files `lora_unet_input_blocks_…`, diffusers' kohya conversion, ai-toolkit and
+    OneTrainer's legacy layout `lora_unet_down_blocks_…`; OneTrainer's OMI layout `unet.input_blocks.4.1.…`,
+    `clip_l.text_model.…`. All name the same layers. Our SD 1.x files use diffusers' names, our SDXL files
+    the original ones, as sd-scripts writes each."""
     for kind in ("tiny-random", "tiny-random-xl"):
         run = run_job(tiny_config(demo_dir, name=kind, **{"model.base": kind, "network.targets": "all",
+                                                           "network.train_text_encoder": True,
                                                            "train.steps": 3, "train.learning_rate": 1e-2}), tmp_path)
         ours = run.lora_path(kind)
         tensors = {}
@@ -135,19 +139,27 @@ def test_files_in_comfyui_and_sd_scripts_sdxl_naming_load_like_our_own(tmp_path,
         sgm = {"lora_unet_" + o.replace(".", "_"): n for n, o in names.items()}
         unet_keys = {k.split(".")[0] for k in tensors if k.startswith("lora_unet_")}
         assert unet_keys <= set(sgm if kind.endswith("xl") else kohya), kind
-        other, comfy = {}, {}
+        model = load_base(kind)
+        te_dotted = {kohya_key(prefix, n): (n if n.startswith("text_model.") else "text_model." + n)
+                     for prefix, te in named_parts(model)[1:] for n, _ in te.named_modules() if n}
+        other, comfy, omi = {}, {}, {}
         for k, v in tensors.items():
             base, _, suffix = k.partition(".")
             if not base.startswith("lora_unet_"):
                 other[k] = comfy[k] = v
+                omi[("clip_g." if base.startswith("lora_te2_") else "clip_l.") + f"{te_dotted[base]}.{suffix}"] = v
                 continue
             diffusers_name = kohya.get(base) or sgm[base]
             renamed = names[diffusers_name] if base in kohya else diffusers_name
             other["lora_unet_" + renamed.replace(".", "_") + "." + suffix] = v
             comfy[f"diffusion_model.{names[diffusers_name]}.{suffix}"] = v
+            omi[f"unet.{names[diffusers_name]}.{suffix}"] = v
         assert any("input_blocks" in k for k in other) != kind.endswith("xl")
         expect = lora_lab_output(ours, kind)
-        for name, sd in (("other names", other), ("comfy", comfy)):
+        assert any(k.startswith("clip_l.") for k in omi)
+        assert any(k.startswith("clip_g.") for k in omi) == kind.endswith("xl")
+        assert layout(omi) == "OneTrainer (OMI)"
+        for name, sd in (("other names", other), ("comfy", comfy), ("onetrainer omi", omi)):
             path = tmp_path / f"{kind}-{name}.safetensors"
             save_file(sd, str(path))
             assert torch.allclose(lora_lab_output(path, kind), expect, atol=1e-5), (kind, name)
@@ -173,7 +185,7 @@ def test_files_for_other_models_or_unknown_layouts_say_what_they_are(tmp_path):
         save_file(sd, str(path))
         with pytest.raises(LoraLabError) as e:
             AppliedLoras(base, [(path, 1.0)])
-        assert says[name] in str(e.value) and "kohya, LyCORIS, diffusers, peft and ComfyUI" in e.value.fix
+        assert says[name] in str(e.value) and "kohya, LyCORIS, diffusers, peft, ComfyUI and OneTrainer" in e.value.fix
 
 
 def test_continuing_training_from_a_diffusers_file_starts_from_its_weights(demo_dir, tmp_path):

@@ -11,6 +11,8 @@ Layouts read:
   file's `lora_adapter_metadata` (diffusers' `convert_state_dict_to_kohya` would write alpha = rank).
 - ComfyUI (`diffusion_model.input_blocks.4.1.…`, its training node's SaveLoRA and its LoRA
   extraction; also `diff` for norms and `diff_b` for biases).
+- OneTrainer's OMI layout (`unet.input_blocks.4.1.….lora_down.weight`, `clip_l.…`, `clip_g.…`); its
+  legacy layout is kohya's. ai-toolkit writes kohya files for SD 1.x and SDXL.
 """
 from __future__ import annotations
 
@@ -37,6 +39,12 @@ PEFT_NAMES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.wei
 COMFY_PARTS = {"diffusion_model.": "lora_unet_", "model.diffusion_model.": "lora_unet_",
                "text_encoders.clip_l.transformer.": "lora_te1_", "text_encoders.clip_g.transformer.": "lora_te2_",
                "cond_stage_model.transformer.": "lora_te_"}
+# OneTrainer's OMI layout (its modules/util/convert/lora/convert_sd_lora.py and convert_sdxl_lora.py): the
+# UNet under its original names, text encoders as clip_l / clip_g, kohya / LyCORIS suffixes.
+OMI_PARTS = {"unet.": "lora_unet_", "clip_l.": "lora_te1_", "clip_g.": "lora_te2_"}
+KOHYA_SUFFIXES = {"lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "dora_scale", "diff", "diff_b",
+                  "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a",
+                  "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "oft_blocks", "oft_diag", "rescale"}
 OTHER_MODELS = ("lora_transformer_", "transformer.", "double_blocks", "single_blocks", "joint_blocks",
                 "diffusion_model.double_blocks", "diffusion_model.joint_blocks", "lora_unet_double_blocks")
 
@@ -54,6 +62,8 @@ def layout(keys) -> str:
                                 for k in kohya) else "kohya"
     if any(k.startswith(tuple(COMFY_PARTS)) for k in keys):
         return "ComfyUI"
+    if any(k.startswith(tuple(OMI_PARTS)) and _suffix(k) in KOHYA_SUFFIXES for k in keys):
+        return "OneTrainer (OMI)"
     if any(s in k for k in keys for s in ("lora_A", "lora_B", "lora.down", "to_out_lora", "lora_linear_layer",
                                            "lora_magnitude_vector")):
         return "peft" if any("lora_A" in k for k in keys) else "diffusers"
@@ -97,10 +107,11 @@ def module_aliases(model) -> dict[str, str]:
     return out
 
 
-def _from_comfyui(tensors: dict) -> dict:
+def _from_prefixed(tensors: dict, parts: dict) -> dict:
+    """Keys `<part><dotted layer name>.<suffix>` (ComfyUI, OneTrainer's OMI) in kohya names."""
     out = {}
     for key, t in tensors.items():
-        for part, prefix in COMFY_PARTS.items():
+        for part, prefix in parts.items():
             if key.startswith(part):
                 name, suffix = _split(key[len(part):])
                 out[f"{prefix}{name.replace('.', '_')}.{PEFT_NAMES.get(suffix, suffix)}"] = t
@@ -181,9 +192,12 @@ def canonical(tensors: dict, meta: dict, model) -> tuple[dict, str]:
     if kind.startswith("transformer model") or kind in ("unknown", "empty"):
         raise LoraLabError(
             f"This file's layout is {kind} (keys like {next(iter(tensors), '-')}), not a Stable Diffusion LoRA.",
-            "LoRA Lab reads kohya, LyCORIS, diffusers, peft and ComfyUI LoRA files for SD 1.x, SD 2.x and SDXL.")
+            "LoRA Lab reads kohya, LyCORIS, diffusers, peft, ComfyUI and OneTrainer LoRA files for SD 1.x, SD 2.x "
+            "and SDXL.")
     if kind == "ComfyUI":
-        tensors = _from_comfyui(tensors)
+        tensors = _from_prefixed(tensors, COMFY_PARTS)
+    elif kind == "OneTrainer (OMI)":
+        tensors = _from_prefixed(tensors, OMI_PARTS)
     elif kind in ("diffusers", "peft"):
         tensors = _from_diffusers(tensors, meta)
     aliases = module_aliases(model)
