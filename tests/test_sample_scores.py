@@ -90,10 +90,10 @@ def test_the_sweep_writes_its_recommendation_into_the_file_and_picking_it_shows_
     # the sweep's images get no scores, and the page says what they need, without a CLIP model
     from ui.test_scores import score_records
 
-    records = [{"image": Image.new("RGB", (64, 64)), "prompt": "lablora", "caption": "strength 0 · lablora"}]
-    assert score_records(ctx, records, lora, "").startswith("Scores need a CLIP model: give a local CLIP folder")
-    assert "score" not in records[0] and records[0]["caption"] == "strength 0 · lablora"
+    unscored = [{"image": Image.new("RGB", (64, 64)), "prompt": "lablora", "caption": "strength 0 · lablora"}]
+    assert score_records(ctx, unscored, lora, "").startswith("Scores need a CLIP model: give a local CLIP folder")
+    assert "score" not in unscored[0] and unscored[0]["caption"] == "strength 0 · lablora"
     uploaded = tmp_path / "uploaded.safetensors"  # a file that is not in a run folder: no training images
-    assert "pick a LoRA made by a run" in score_records(ctx, records, uploaded, str(clip))
+    assert "pick a LoRA made by a run" in score_records(ctx, unscored, uploaded, str(clip))
     elsewhere = SimpleNamespace(workspace=tmp_path / "other", space=False, per_user=False, local=True)
     assert "not written into rec.safetensors" in recommendation(elsewhere, records, lora)

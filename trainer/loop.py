@@ -250,7 +250,7 @@ class Job:
 
     def start_validation(self, p: Prepared, step: int, unet, device, acc) -> int:
         """Steps between measurements (0: none); picks up the best so far of a resumed run, and measures
-        the starting weights once, so the curve shows where it began."""
+        the starting weights of a new one, so the curve shows where it began."""
         v = self.cfg.validation
         if p.validator is None:
             return 0
@@ -264,7 +264,7 @@ class Job:
                 self.best_path.unlink()  # written past the checkpoint this run resumed from
         on = " (too few images to hold any out: compare its trend, not its level)" if p.validator.label == TRAINING else ""
         self.log(f"validation loss: {p.validator.description}, every {interval} steps{on}")
-        if not any(r["step"] == step for r in rows):
+        if not rows:  # a resumed run's curve already starts where it began
             self.validate(p, step, unet, device, acc)
         return interval
 

@@ -35,10 +35,11 @@ def thin(rows: list[dict]) -> list[dict]:
 
 
 def validation_label(val_rows: list[dict]) -> str:
-    """The validation series' name, which says where its lowest point is and what it was measured on."""
+    """The validation series' name: where its lowest point is and what it was measured on, short enough
+    for the plot's legend (which cuts labels at about 30 characters)."""
     best = min(val_rows, key=lambda r: r["val_loss"])
-    on = " on training images" if val_rows[-1].get("val_on") == TRAINING else ""
-    return f"validation{on} (lowest at step {best['step']})"
+    name = "val. on train" if val_rows[-1].get("val_on") == TRAINING else "validation"
+    return f"{name} (best step {best['step']})"
 
 
 def loss_frame(rows: list[dict], val_rows: list[dict] = ()):

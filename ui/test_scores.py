@@ -49,7 +49,7 @@ def score_records(ctx, records: list[dict], lora: Path | None, clip_text: str) -
     ref = reference(ctx, scorer, lora)
     for r, score in zip(records, scorer.score([r["image"] for r in records], [r["prompt"] for r in records], ref)):
         r["score"] = score.row()
-        r["caption"] += f" · {score.caption()}"
+        r["caption"] = f"{r['label']} · {score.caption()} · {r['prompt']}"  # scores before the long prompt
     copies = [r for r in records if r["score"]["copy"]]
     if copies:
         return (f"⚠ {len(copies)} image(s) are near-copies of a training image (e.g. {copies[0]['score']['nearest']}): "
