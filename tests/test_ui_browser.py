@@ -208,7 +208,7 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     assert "likeness" in page.inner_text("#test-gallery") and "prompt" in page.inner_text("#test-gallery")
     page.get_by_role("button", name="Checkpoints × prompts (LoRA 1's run)").click()
     saved = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
-    wait_for(lambda: all(f"step {n} · lablora" in page.inner_text("#test-gallery") for n in saved), 120,
+    wait_for(lambda: all(f"step {n} · likeness" in page.inner_text("#test-gallery") for n in saved), 120,
              what=f"one image per checkpoint {saved}")
 
 
