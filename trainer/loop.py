@@ -30,7 +30,7 @@ from .precision import ACCELERATE, DTYPE, mixed_precision
 from .prepare import Prepared, pick_device, prepare
 from .runs import DISK_FULL, DISK_FULL_ADVICE, RunDir, disk_full, new_run, removed_on_failure
 from .sampling import SamplingStopped, generate
-from .validation import TRAINING, best_of, every
+from .validation import TRAINING, Measurement, best_of, every
 
 
 class NonFiniteLoss(Exception):
@@ -220,6 +220,10 @@ class Job:
             self.scoring = False
             self.log(f"sample scores off for this run: {e.problem} {e.fix}")
             return
+        except Exception as e:  # scores are an extra: whatever goes wrong there, the run goes on
+            self.scoring = False
+            self.log(f"sample scores off for this run: {type(e).__name__}: {e}")
+            return
         with open(self.run.samples_dir / "scores.jsonl", "a", encoding="utf-8") as f:
             for i, sc in enumerate(scores):
                 f.write(json.dumps({"step": step, "index": i, "prompt": s.prompts[i], **sc.row()}) + "\n")
@@ -277,8 +281,6 @@ class Job:
         self.validation_seconds += time.time() - began
         new_best = self.best is None or loss < self.best.loss
         if new_best:
-            from .validation import Measurement
-
             self.best, self.since_best = Measurement(step, loss), 0
         else:
             self.since_best += 1

@@ -55,7 +55,7 @@ def load_scorer(spec: str) -> "Scorer":
         try:
             model = CLIPModel.from_pretrained(source, local_files_only=local.is_dir()).eval()
             processor = CLIPProcessor.from_pretrained(source, local_files_only=local.is_dir())
-        except (OSError, ValueError) as e:
+        except Exception as e:  # not there, offline, or not a CLIP model: all the user's to fix
             raise LoraLabError(f"The CLIP model {spec!r} could not be loaded ({str(e).splitlines()[0][:160]}).",
                                "Give a folder holding a CLIP model and its processor (config.json, the weights, "
                                "tokenizer and preprocessor files), or a hub id while online.") from None

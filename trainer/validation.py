@@ -44,8 +44,7 @@ def plan_line(cfg, images: int | None) -> str | None:
         what = "on the images of validation.source"
     elif images is None:
         what = f"on {v.share:.0%} of the images held out (from {v.min_images} images on)"
-    elif hold_out(images, v, 0):
-        held = len(hold_out(images, v, 0))
+    elif held := len(hold_out(images, v, 0)):
         what = f"on {held} of the {images} images, held out of training"
     else:
         what = (f"on the {images} training images (fewer than validation.min_images = {v.min_images}, so none "

@@ -12,7 +12,7 @@ from trainer.sampling import SCHEDULERS
 
 from . import access, scope, space
 from .errors import guarded
-from .test_scores import picked_info, recommendation, score_records
+from .test_scores import picked_info, recommendation, run_of, score_records
 
 SLOTS = 3
 SESSION_MAX = 400  # images kept for the export; older ones drop out (the page says so)
@@ -56,10 +56,6 @@ def with_progress(fn):
         return fn(*args, progress=progress)
     inner.__name__ = fn.__name__
     return inner
-
-
-def _run_of(lora: Path) -> Path | None:
-    return lora.parent if (lora.parent / "config.yaml").exists() else None
 
 
 def build(ctx):
@@ -133,7 +129,7 @@ def build(ctx):
         """The prompts typed, or else those of LoRA 1's run (its sample prompts, else its trigger word)."""
         if (text or "").strip() or not first_lora:
             return text or ""
-        run = _run_of(access.lora(ctx, first_lora))
+        run = run_of(access.lora(ctx, first_lora))
         if run is None:
             return ""
         from trainer.config import load
@@ -186,6 +182,8 @@ def build(ctx):
             return note
         except LoraLabError as e:
             return f"No scores: {e.problem} {e.fix}"
+        except Exception as e:  # the images are made: a scoring failure must not take them off the page
+            return f"No scores: {type(e).__name__}: {e}. Check the CLIP model and the run's training images."
 
     def split_clip(ls):
         """The LoRA slots and strengths, and the CLIP model box (the sweep and grid have it last)."""
@@ -240,7 +238,7 @@ def build(ctx):
         text = prompts_for(text, ls[0])
         from trainer.checkpoint_lora import checkpoint_loras
 
-        run = _run_of(access.lora(ctx, ls[0])) if ls[0] else None
+        run = run_of(access.lora(ctx, ls[0])) if ls[0] else None
         if run is None:
             raise LoraLabError("LoRA 1 is not from a run.", "Pick a LoRA made by a run to compare its checkpoints.")
         records, lines = [], [t for t in text.splitlines() if t.strip()]
@@ -310,7 +308,7 @@ def build(ctx):
         api = workflow_api([{**e, "base": e["base_model"], "negative": e["negative_prompt"],
                              "loras": [(x["file"], x["strength"]) for x in e["loras"]],
                              "name": e["file"].removesuffix(".png")} for e in entries])
-        export_bundle(out, named, lines, lora, _run_of(lora) if lora else None, settings,
+        export_bundle(out, named, lines, lora, run_of(lora) if lora else None, settings,
                       {"comfyui_workflow_api.json": api, "comfyui_workflow.json": workflow_ui(api)}, extra)
         return f"Exported {out.name}: {len(named)} images.", str(out)
 
