@@ -69,7 +69,8 @@ def test_every_preset_resolves_to_a_valid_config():
 
 
 @pytest.mark.parametrize("preset,card_gb", [("sd15-8gb", 8), ("sd15-12gb", 12), ("sdxl-12gb", 12),
-                                            ("sdxl-24gb", 24), ("classroom-lab", 8)])
+                                            ("sdxl-24gb", 24), ("classroom-lab", 8), ("sdxl-6gb", 6),
+                                            ("sd15-4gb", 4)])
 def test_a_preset_for_a_card_is_estimated_to_fit_it_with_sampling_on(preset, card_gb):
     from trainer.plan_summary import estimate_memory_gb
 

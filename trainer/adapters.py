@@ -122,7 +122,8 @@ def _oft_rotated_conv_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.T
     weight = base.weight
     for name in active:
         weight = _oft_rotated_filters(self.oft_R[name], weight)
-    return base._conv_forward(x, weight.to(base.weight.dtype), base.bias)
+    # a base stored in fp8 (base_weights.StoredConv2d) is computed in its compute_dtype
+    return base._conv_forward(x, weight.to(getattr(base, "compute_dtype", base.weight.dtype)), base.bias)
 
 
 def skip_input_casts(model: torch.nn.Module, algorithm: str) -> int:

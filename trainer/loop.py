@@ -25,6 +25,7 @@ from .encode import encode_text, sdxl_time_ids, vae_shift_scale
 from .errors import LoraLabError
 from .events import Callback, Control, Event
 from .export import adapter_file_tensors, dataset_folders, metadata, save_file_atomic
+from .memory_meter import PhaseMeter
 from .optim import compute_loss, min_snr_weights
 from .precision import ACCELERATE, DTYPE, mixed_precision
 from .prepare import Prepared, pick_device, prepare
@@ -71,6 +72,10 @@ class Job:
         self.best, self.since_best = None, 0  # lowest validation loss (validation.Measurement), measurements since
         self.validation_seconds = 0.0
         self.scoring = None  # (Scorer, Reference) once loaded; False when scores are off for this run
+        self.ema = None  # ema.AdapterEMA with train.ema
+        self.meter = PhaseMeter(torch.device("cpu"))  # memory_meter: the run's device once it starts
+        self.memory_warning = None
+        self.flushed = None  # (time, step) of the last flush: the seconds per step since then
 
     def emit(self, kind: str, **data) -> None:
         if self.main:
@@ -146,6 +151,8 @@ class Job:
                  "torch_rng": torch.get_rng_state()}
         if acc.scaler is not None:
             state["scaler"] = acc.scaler.state_dict()
+        if self.ema:
+            state["ema"] = self.ema.state_dict()
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         m = (step - p.start_step) * self.cfg.train.gradient_accumulation
@@ -168,6 +175,8 @@ class Job:
         torch.set_rng_state(state["torch_rng"])
         if "scaler" in state and acc.scaler is not None:
             acc.scaler.load_state_dict(state["scaler"])
+        if self.ema and "ema" in state:  # a run that turns train.ema on when resumed starts its average here
+            self.ema.load_state_dict(state["ema"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         p.start_step = info.get("offset", 0)
@@ -185,15 +194,16 @@ class Job:
             self.run.set_status("running", phase=f"making samples: image {i + 1} of {n} ({s.steps} steps each)")
 
         try:
-            images = generate(p.model, s.prompts, s.seed, s.steps, s.guidance_scale, s.width or res,
-                              s.height or res, s.negative_prompt, s.scheduler, unet=unet, device=device,
-                              progress=progress, should_stop=self.control.stop.is_set)
+            with self.meter.during("sampling"):
+                images = generate(p.model, s.prompts, s.seed, s.steps, s.guidance_scale, s.width or res,
+                                  s.height or res, s.negative_prompt, s.scheduler, unet=unet, device=device,
+                                  progress=progress, should_stop=self.control.stop.is_set)
         except SamplingStopped:
             self.log(f"samples at step {step} left unfinished: stopping")
             return
         finally:
             unet.train()
-            self.run.set_status("running", phase=None)
+            self.run.set_status("running", phase=None, memory_by_phase=self.meter.peaks or None)
         for i, img in enumerate(images):
             path = self.run.samples_dir / f"step{step:06d}_{i:02d}.png"
             tmp = path.with_name("." + path.name)
@@ -251,6 +261,10 @@ class Job:
     @property
     def best_path(self) -> Path:
         return self.run.path / f"{self.run.lora_path(self.cfg.name).stem}-best.safetensors"
+
+    @property
+    def ema_path(self) -> Path:
+        return self.run.path / f"{self.run.lora_path(self.cfg.name).stem}-ema.safetensors"
 
     def start_validation(self, p: Prepared, step: int, unet, device, acc) -> int:
         """Steps between measurements (0: none); picks up the best so far of a resumed run, and measures
@@ -317,13 +331,17 @@ class Job:
         acc = _accelerator(precision, device)
         self.main = acc.is_main_process
         device = acc.device
+        if cfg.train.offload == "blocks" and acc.num_processes > 1:
+            raise LoraLabError("train.offload=blocks trains on one GPU, not under accelerate launch with several.",
+                               "Use train.offload=text_encoders with several GPUs, or launch one process.")
         torch.manual_seed(cfg.train.seed)
         weight_dtype = DTYPE[precision]  # frozen weights in the training precision, as kohya does
         self.emit("status", state="loading", message="Loading the model and dataset…")
         if self.main:  # this process's pid: a restarted app tells a live run from an interrupted one
             self.run.set_status("running", pid=os.getpid(), phase="Loading the model and dataset…", speed=None,
                                 eta=None)  # a resumed run's speed and ETA were the last session's
-        p = prepare(cfg, self.run.path.parent.parent, device, weight_dtype, self.log, acc.num_processes)
+        self.meter = PhaseMeter(device)
+        p = prepare(cfg, self.run.path.parent.parent, device, weight_dtype, self.log, acc.num_processes, self.meter)
         noise_sched = p.model.noise_scheduler()
         unet = p.model.unet
         unet.train()
@@ -332,17 +350,24 @@ class Job:
             torch.backends.cudnn.allow_tf32 = True
         if cfg.train.channels_last:
             unet.to(memory_format=torch.channels_last)
-        if cfg.train.compile and device.type == "cpu":
+        if cfg.train.compile and p.offloader:
+            self.log("train.compile: not used with train.offload=blocks (the blocks' weights move while it runs)")
+        elif cfg.train.compile and device.type == "cpu":
             # torch.compile's CPU code (inductor, torch 2.13) left the mid block's LoRA without gradients
             # in tests/bench/check_compile.py, and compiling gains a CPU demo run nothing.
             self.log("train.compile: not used on the CPU (it is for GPUs)")
         elif cfg.train.compile:
             unet = torch.compile(unet)
-        unet, optimizer = acc.prepare(unet, p.optimizer)
+        # with offload=blocks the offloader has placed the UNet (its blocks' weights wait in CPU memory)
+        unet, optimizer = acc.prepare(unet, p.optimizer, device_placement=[p.offloader is None, True])
+        if cfg.train.ema:
+            from .ema import AdapterEMA
+
+            t = cfg.train
+            self.ema = AdapterEMA(p.params, t.ema_decay, t.ema_every, t.ema_on_cpu)
         step = begun = self.restore(p, acc) if resume else p.start_step
         self.cuda = device if device.type == "cuda" else None
-        if self.cuda:  # the peak shown is the training's: caching (VAE, text encoders) is over by now
-            torch.cuda.reset_peak_memory_stats(device)
+        self.meter.start("training")  # the peak shown is the training's: caching (VAE, text encoders) is over by now
         if resume and self.main:
             self.run.truncate_metrics(step)
         total = p.start_step + cfg.train.steps
@@ -379,6 +404,8 @@ class Job:
             optimizer.step()
             p.scheduler.step()
             step += 1
+            if self.ema:
+                self.ema.update(step)
             pending.append((step, step_loss, p.scheduler.get_last_lr()[0]))
             save_due = cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0
             sample_due = cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0
@@ -398,6 +425,8 @@ class Job:
                 if sample_now:
                     self.log(f"Sample now: making samples at step {step}")
                 self.sample(p, step, acc.unwrap_model(unet), device)
+            if val_due or save_due or save_now or sample_due or sample_now:
+                self.flushed = None  # the time they took is not a training step's
         if pending:
             last_loss = self.flush(pending, acc, step, total, t0, done0)
         if step < total and not stopped_early:  # stopped
@@ -410,8 +439,9 @@ class Job:
             return self.run
         if step > begun:
             self.save(p, step, acc)
-        if self.cuda:
-            self.log(f"peak GPU memory while training: {torch.cuda.max_memory_allocated(self.cuda) / 1024**3:.2f} GB")
+        self.meter.note()
+        if self.meter.peaks:
+            self.log("peak GPU memory by phase: " + ", ".join(f"{k} {v / 1024**3:.2f} GB" for k, v in self.meter.peaks.items()))
         if self.main:
             if cfg.sample.prompts and not (cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0):
                 self.sample(p, step, acc.unwrap_model(unet), device)
@@ -422,9 +452,15 @@ class Job:
                 self.log(f"stopped early at step {step}: no lower validation loss in {cfg.validation.patience} "
                          f"measurements (lowest {self.best.loss:.5f} at step {self.best.step})")
             best = self.finish_validation(step)
+            if self.ema:
+                with self.ema.applied():
+                    best["ema_lora"] = self.export(p, step, self.ema_path).name
             self.run.set_status("completed", step=step, total_steps=total, last_loss=last_loss, lora=path.name,
                                 finished=time.time(), **early, **best)
             self.log(f"saved {path.name}")
+            if self.ema:
+                self.log(f"saved {self.ema_path.name} (the average of the adapter weights over "
+                         f"{self.ema.updates} updates, decay {cfg.train.ema_decay})")
             if best.get("best_lora"):
                 self.log(f"saved {best['best_lora']} (step {best['best_step']}, the lowest validation loss)")
             self.emit("status", state="completed", step=step, lora=str(path))
@@ -434,7 +470,8 @@ class Job:
     def flush(self, pending, acc, step, total, t0, done0) -> float:
         losses = acc.reduce(torch.stack([l for _, l, _ in pending]), reduction="mean").float().cpu().tolist()
         memory = torch.cuda.memory_allocated(self.cuda) if self.cuda else None
-        peak = torch.cuda.max_memory_allocated(self.cuda) if self.cuda else None
+        self.meter.note()
+        peak = self.meter.peaks.get("training")
         speed = eta = None
         for (s, _, lr), loss in zip(pending, losses):
             if not math.isfinite(loss):
@@ -447,9 +484,17 @@ class Job:
                 self.run.append_metrics(row)
             self.emit("step", step=s, total=total, loss=loss, lr=lr, speed=speed, eta=eta, memory=memory,
                       peak_memory=peak)
+        now = time.time()
+        recent = (now - self.flushed[0]) / (step - self.flushed[1]) if self.flushed and step > self.flushed[1] else None
+        self.flushed = (now, step)
+        warning = self.meter.warning(recent) if self.cuda else None
+        if warning and warning != self.memory_warning:
+            self.log(f"warning: {warning}")
+        self.memory_warning = warning
         if self.main:  # what a watcher (the app, another tab) shows; it reads this file, never waits on us
             self.run.set_status("running", step=step, total_steps=total, last_loss=losses[-1], speed=speed, eta=eta,
-                                memory=memory, peak_memory=peak)
+                                memory=memory, peak_memory=peak, memory_by_phase=self.meter.peaks or None,
+                                memory_warning=warning)
         return losses[-1]
 
 

@@ -6,16 +6,8 @@ import math
 from .scores import NEEDS_MODEL
 from .validation import plan_line
 
-# GB with bf16/fp16 frozen weights, from tests/bench/bench_memory.py (full-size models, fake tensors):
-UNET_GB = {"sd15": 1.6, "sd2": 1.6, "sdxl": 4.8, "tiny": 0.01}
-TEXT_GB = {"sd15": 0.23, "sd2": 0.68, "sdxl": 1.64, "tiny": 0.01}  # all text encoders
-VAE_GB = 0.16
-LORA_RANK16 = {"sd15": 3.2e6, "sd2": 3.3e6, "sdxl": 23.2e6, "tiny": 1e4}  # weights, attention targets
-# per 512² image of batch: training activations without / with checkpointing, and a VAE decode
-ACT_GB = {"sd15": (1.09, 0.25), "sd2": (1.05, 0.22), "sdxl": (1.82, 0.17), "tiny": (0.01, 0.01)}
-DECODE_GB = 0.36
-CONTEXT_GB = 0.4  # the CUDA context and library workspaces
-OPT_BYTES = {"adamw8bit": 2, "prodigy": 16, "sgd": 4, "adafactor": 4}  # state per trained weight; else 8
+from .memory_plan import fit_warning, peak_gb, phases
+
 # Weights of the adapted layers (UNet, text encoders) per targets: whole ("full", an OFT file) and per rank
 # of a LoRA ("rank1"); from tests/bench/adapter_sizes.py.
 ADAPTED = {
@@ -32,19 +24,21 @@ ADAPTED = {
 
 
 def estimate_memory_gb(cfg, family: str) -> float:
-    """Peak accelerator memory of training (and of a sample image during it, if prompts are set)."""
-    t, d, net = cfg.train, cfg.dataset, cfg.network
-    family = family if family in UNET_GB else "sd15"
-    half = 2 if t.mixed_precision == "fp32" else 1  # fp32 frozen weights take twice the space
-    area = (d.resolution / 512) ** 2
-    lora = LORA_RANK16[family] * net.rank / 16 * (3 if net.targets == "all" else 1)
-    state = lora * (4 + 4 + OPT_BYTES.get(t.optimizer, 8)) / 1024**3  # weights, gradients, optimizer
-    text_on_gpu = net.train_text_encoder or d.shuffle_tags or not d.cache_text_embeddings
-    act = ACT_GB[family][1 if t.gradient_checkpointing else 0] * area * t.batch_size
-    train = UNET_GB[family] * half + state + act + (TEXT_GB[family] * half if text_on_gpu else 0)
-    sample = UNET_GB[family] * half + state + TEXT_GB[family] * half + VAE_GB * half + DECODE_GB * half * area
-    peak = max(train, sample if cfg.sample.prompts else 0)
-    return round(CONTEXT_GB + peak, 1)
+    """Peak accelerator memory of the run: its largest phase (memory_plan.phases)."""
+    return peak_gb(cfg, family)
+
+
+def card_gb(device: str) -> float | None:
+    """Memory of the CUDA card the run would use; None without one."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return None
+    try:
+        index = torch.device(device).index if device.startswith("cuda") else None
+        return torch.cuda.get_device_properties(index or 0).total_memory / 1024**3
+    except (RuntimeError, AssertionError):
+        return None
 
 
 def file_mb(cfg, family: str, algorithm: str | None = None) -> float | None:
@@ -146,8 +140,9 @@ def sampling_warnings(sp: dict | None) -> list[str]:
     return out
 
 
-def plan(cfg, dataset_summary: dict | None, on_cpu: bool | None = None) -> dict:
-    """steps, epochs, memory and warnings for the summary shown before Start."""
+def plan(cfg, dataset_summary: dict | None, on_cpu: bool | None = None, card: float | None = None) -> dict:
+    """steps, epochs, memory and warnings for the summary shown before Start; `card`: the GPU's memory in GB
+    (default: the CUDA card's, when there is one), which the estimate is checked against."""
     t, d = cfg.train, cfg.dataset
     warnings = []
     per_epoch = None
@@ -186,11 +181,17 @@ def plan(cfg, dataset_summary: dict | None, on_cpu: bool | None = None) -> dict:
     sp = sampling_plan(cfg, family, on_cpu)
     warnings += sampling_warnings(sp)
     warnings += oft_warnings(cfg, family)
+    card = card if card is not None else (None if on_cpu else card_gb(cfg.train.device))
+    fit = fit_warning(cfg, family, card) if card else None
+    if fit:
+        warnings.insert(0, fit)
     return {
         "steps": t.steps,
         "steps_per_epoch": per_epoch,
         "epochs": round(t.steps / per_epoch, 1) if per_epoch else None,
         "memory_gb": estimate_memory_gb(cfg, family),
+        "memory_phases": phases(cfg, family),
+        "card_gb": card,
         "warnings": warnings,
         "sampling": sp,
         "file_mb": file_mb(cfg, family),
@@ -217,7 +218,9 @@ def describe(p: dict, dataset_summary: dict | None) -> str:
                      f"{p['steps_per_epoch']} steps per epoch; {p['steps']} steps ≈ {p['epochs']} epochs.**")
     else:
         lines.append(f"**{p['steps']} steps.** Load a dataset to see epochs.")
-    lines.append(f"Estimated accelerator memory: about {p['memory_gb']} GB."
+    by_phase = ", ".join(f"{k} {v:.1f}" for k, v in (p.get("memory_phases") or {}).items())
+    lines.append(f"Estimated accelerator memory: about {p['memory_gb']} GB" + (f" (GB by phase: {by_phase})" if by_phase else "")
+                 + (f" of this card's {p['card_gb']:.1f} GB" if p.get("card_gb") else "") + "."
                  + (f" LoRA file: about {p['file_mb']:g} MB." if p.get("file_mb") else ""))
     sp = p.get("sampling")
     if sp:

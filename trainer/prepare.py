@@ -9,11 +9,14 @@ import torch
 
 from .adapters import adapter_layers, adapter_parameters, add_adapter, load_adapter_state, skip_input_casts
 from .cache import LatentCache, TextCache
+from .checkpointing import units, wrap_units
 from .data.plan import Example, epoch_batches, plan_examples
 from .data.sources import Dataset, load_dataset_source
 from .errors import LoraLabError
 from .lora_file import read_lora
+from .memory_meter import PhaseMeter
 from .models.load import BaseModel, load_base
+from .offload import BlockOffloader, move_except
 from .optim import make_optimizer, make_scheduler
 from .validation import HELD_OUT, OWN_FOLDER, TRAINING, Validator, hold_out
 
@@ -54,6 +57,7 @@ class Prepared:
     start_step: int = 0
     notes: list[str] = field(default_factory=list)
     validator: Validator | None = None
+    offloader: BlockOffloader | None = None
 
 
 def load_data(cfg, model: BaseModel) -> tuple[Dataset, list[Example]]:
@@ -104,7 +108,8 @@ def fill_caches(cfg, model, ds, examples, cache_dir: Path, device, log,
         text = TextCache(cache_dir, model, True)
         text.fill([e.caption for e in examples] + list(more_captions) + [""], device)
         for te in model.text_encoders:
-            te.to("cpu")
+            if cfg.train.offload != "none":  # none: they stay for the samples
+                te.to("cpu")
         log(f"text embeddings: {text.encoded} encoded, {text.reused} read from the cache")
     else:
         for te in model.text_encoders:
@@ -153,9 +158,24 @@ def init_from_file(path: str, model: BaseModel, alpha: float) -> int:
     return int(meta.get("ss_steps", "0") or 0)
 
 
-def setup_adapters(cfg, model: BaseModel, device, weight_dtype) -> tuple[list[dict], int]:
-    net = cfg.network
-    cast(model.unet, device, weight_dtype)
+def storage_dtype(cfg, compute: torch.dtype) -> torch.dtype | None:
+    """The format model.weight_dtype stores the frozen weights in, when it is not the training precision."""
+    from .base_weights import STORAGE
+
+    storage = STORAGE.get(cfg.model.weight_dtype)
+    return storage if storage is not None and storage != compute else None
+
+
+def setup_adapters(cfg, model: BaseModel, device, weight_dtype, log=print):
+    """Adapters added, base weights stored and placed; returns (parameter groups, start step, BlockOffloader
+    or None)."""
+    from .base_weights import store_weights
+
+    net, t = cfg.network, cfg.train
+    storage = storage_dtype(cfg, weight_dtype)
+    offload = t.offload == "blocks"
+    # a UNet stored in another format is converted in CPU memory and moved once: the card never holds both
+    cast(model.unet, "cpu" if storage or offload else device, weight_dtype)
     for te in model.text_encoders:  # frozen ones only sample (or encode each step): half the memory
         te.to(dtype=weight_dtype)
     if weight_dtype == torch.bfloat16:  # latents are cached: the VAE only decodes samples now. bf16 has
@@ -171,18 +191,40 @@ def setup_adapters(cfg, model: BaseModel, device, weight_dtype) -> tuple[list[di
     for m in [model.unet, *tes]:
         for p in adapter_parameters(m):
             p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
-    if cfg.train.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
+    if storage:  # after the adapters exist: they are never stored coarsely
+        stored = [store_weights(m, storage, weight_dtype) for m in [model.unet, *tes]]
+        log(f"base weights stored as {cfg.model.weight_dtype}, computed in {str(weight_dtype)[6:]}: "
+            f"{sum(n for n, _ in stored)} layers, {sum(b for _, b in stored) / 1024**2:,.1f} MB saved")
+    offloader = place_unet(cfg, model.unet, device, log) if offload else None
+    if storage and not offload:
+        torch.nn.Module.to(model.unet, device)
+    if t.gradient_checkpointing and not offload:
+        wrap_units(model.unet, t.checkpoint_depth, checkpointed=True)
+    if t.gradient_checkpointing:
         for te in tes:
             te.gradient_checkpointing_enable()
     lr = cfg.train.learning_rate
     groups = [{"params": adapter_parameters(model.unet), "lr": lr}]
     for te in tes:
         groups.append({"params": adapter_parameters(te), "lr": net.text_encoder_lr or lr})
-    return groups, start
+    return groups, start, offloader
 
 
-def prepare(cfg, workspace: Path, device, weight_dtype, log, processes: int = 1) -> Prepared:
+def place_unet(cfg, unet, device, log) -> BlockOffloader:
+    """offload=blocks: the blocks' frozen weights to (pinned) CPU memory, the rest to the device; the blocks
+    are checkpointed (their weights are gone after they ran) and brought back by the offloader as they run."""
+    t = cfg.train
+    blocks = units(unet, t.checkpoint_depth)
+    offloader = BlockOffloader(blocks, device, t.offload_blocks)
+    move_except(unet, device, blocks)
+    wrap_units(unet, t.checkpoint_depth, checkpointed=True, on_enter=offloader.enter)
+    log(f"offload: {len(blocks) - len(offloader.keep)} of the UNet's {len(blocks)} blocks "
+        f"({offloader.bytes_on_host() / 1024**3:.2f} GB) wait in CPU memory and are copied to the device as they run"
+        + ("" if t.gradient_checkpointing else " (with gradient checkpointing, which offloading needs)"))
+    return offloader
+
+
+def prepare(cfg, workspace: Path, device, weight_dtype, log, processes: int = 1, meter: PhaseMeter | None = None) -> Prepared:
     m = cfg.model
     model = load_base(m.base, m.family, m.prediction_type, m.allow_pickle, m.config_dir)
     log(f"base model: {m.base} ({model.family}, {model.prediction_type})")
@@ -192,15 +234,20 @@ def prepare(cfg, workspace: Path, device, weight_dtype, log, processes: int = 1)
         log(f"  problem: {p}")
     cache = Path(workspace) / "cache"
     own = validation_folder(cfg, model, log) if cfg.validation.enabled and cfg.validation.source else None
+    meter = meter or PhaseMeter(torch.device("cpu"))
+    meter.start("caching")
     examples, latents, text = fill_caches(cfg, model, ds, examples, cache, device, log,
                                           [e.caption for e in own[1]] if own else [])
     examples, latents, validator = split_validation(cfg, model, examples, latents, text, own, cache, device, log)
-    groups, start = setup_adapters(cfg, model, device, weight_dtype)
+    meter.start("loading")
+    groups, start, offloader = setup_adapters(cfg, model, device, weight_dtype, log)
+    meter.start(None)
     opt = make_optimizer(cfg.train.optimizer, groups, cfg.train.learning_rate, cfg.train.weight_decay, device)
     sched = make_scheduler(cfg.train.lr_scheduler, opt, cfg.train.warmup_steps, cfg.train.steps)
     bpe = len(epoch_batches(examples, cfg.train.batch_size * processes, cfg.train.seed, 0))
     params = [p for g in groups for p in g["params"]]
-    return Prepared(model, ds, examples, latents, text, params, opt, sched, bpe, start, validator=validator)
+    return Prepared(model, ds, examples, latents, text, params, opt, sched, bpe, start, validator=validator,
+                    offloader=offloader)
 
 
 def validation_folder(cfg, model, log) -> tuple[Dataset, list[Example]]:

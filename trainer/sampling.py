@@ -87,6 +87,27 @@ def decode(pipe, latents) -> list:
     return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
+def prompt_inputs(pipe, model, prompts: list[str], negative: str, guidance: float, device, autocast) -> list[dict]:
+    """Each prompt's embeddings (with the negative's), by the pipeline's own `encode_prompt`, as its call would
+    compute them. Done first, for all prompts, with only the text encoders brought to the device: they leave
+    before the UNet and the VAE work, so a sample never holds all three (SDXL's encoders are 1.6 GB)."""
+    import torch
+
+    out = []
+    with on_device(model.text_encoders, device), torch.no_grad(), autocast():
+        for p in prompts:
+            if model.is_xl:
+                pe, npe, ppe, nppe = pipe.encode_prompt(prompt=p, device=device, num_images_per_prompt=1,
+                                                        do_classifier_free_guidance=guidance > 1,
+                                                        negative_prompt=negative or None)
+                out.append({"prompt_embeds": pe, "negative_prompt_embeds": npe, "pooled_prompt_embeds": ppe,
+                            "negative_pooled_prompt_embeds": nppe})
+            else:
+                pe, npe = pipe.encode_prompt(p, device, 1, guidance > 1, negative or None)
+                out.append({"prompt_embeds": pe, "negative_prompt_embeds": npe})
+    return out
+
+
 class SamplingStopped(Exception):
     """`should_stop` said so between two denoising steps."""
 
@@ -123,8 +144,11 @@ def generate(model, prompts: list[str], seed: int = 0, steps: int = 20, guidance
     dtype = pipe.unet.dtype
     images = []
     try:
-        with on_device([model.vae, *model.text_encoders, *([model.unet] if unet is None else [])], device), \
-                torch.no_grad():
+        def autocast():
+            return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+        embeds = prompt_inputs(pipe, model, prompts, negative_prompt, guidance_scale, device, autocast)
+        with on_device([model.vae, *([model.unet] if unet is None else [])], device), torch.no_grad():
             def check(pipe_, i, t, kwargs):
                 if should_stop and should_stop():
                     raise SamplingStopped()
@@ -136,8 +160,8 @@ def generate(model, prompts: list[str], seed: int = 0, steps: int = 20, guidance
                 g = torch.Generator("cpu").manual_seed(int(seed))
                 latents = torch.randn((1, pipe.unet.config.in_channels, height // model.vae_scale,
                                        width // model.vae_scale), generator=g)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    out = pipe(prompt=p, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                with autocast():
+                    out = pipe(**embeds[n], num_inference_steps=steps,
                                guidance_scale=guidance_scale, width=width, height=height,
                                latents=latents.to(device, dtype), generator=g, output_type="latent",
                                callback_on_step_end=check if should_stop else None)

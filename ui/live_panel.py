@@ -95,6 +95,9 @@ def progress_html(st: dict, latest: dict, name: str = "") -> str:
     if latest.get("memory"):
         peak = f" (peak {latest['peak_memory'] / 1024**3:.1f} GB)" if latest.get("peak_memory") else ""
         bits.append(f"GPU memory {latest['memory'] / 1024**3:.1f} GB{peak}")
+    if st.get("memory_by_phase"):  # status.json: a finished run's too
+        bits.append("peak by phase: " + ", ".join(f"{k} {v / 1024**3:.1f}" for k, v in st["memory_by_phase"].items())
+                    + " GB")
     if state == "queued" and latest.get("position"):
         bits.append(f"number {latest['position']} of {latest['waiting']} waiting for a device")
     if state == "running" and latest.get("phase"):  # loading, or making samples (which holds the ETA up)
@@ -104,6 +107,8 @@ def progress_html(st: dict, latest: dict, name: str = "") -> str:
     if isinstance(st.get("val_loss"), (int, float)):
         bits.append(f"validation {st['val_loss']:.4f} (lowest {st['best_val_loss']:.4f} at step {st['best_step']})")
     msg = ""
+    if state == "running" and st.get("memory_warning"):
+        msg += f"<p class='run-warning' id='memory-warning'>⚠️ {html.escape(str(st['memory_warning']))}</p>"
     if state in ("failed", "interrupted"):
         msg = (f"<p class='run-error'><b>{html.escape(str(st.get('error', '')))}</b> "
                f"{html.escape(str(st.get('advice', '')))}</p>")

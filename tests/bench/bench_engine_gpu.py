@@ -33,6 +33,11 @@ CASES = {  # name: (family, preset, resolution, batch)
     "sd15-12gb-b4": ("sd15", "sd15-12gb", 512, 4),
     "sdxl-12gb-b1": ("sdxl", "sdxl-12gb", 1024, 1),
     "sdxl-24gb-b1": ("sdxl", "sdxl-24gb", 1024, 1),
+    # issue 19's small cards: the presets, and SDXL with everything turned down (blocks offloaded too)
+    "sdxl-6gb-b1": ("sdxl", "sdxl-6gb", 1024, 1),
+    "sd15-4gb-b1": ("sd15", "sd15-4gb", 512, 1),
+    "sdxl-min-b1": ("sdxl", "sdxl-6gb", 1024, 1, {"train": {"offload": "blocks", "checkpoint_depth": "layer"}}),
+    "sdxl-12gb-fp8-b1": ("sdxl", "sdxl-12gb", 1024, 1, {"model": {"weight_dtype": "fp8_e4m3fn"}}),
 }
 WARMUP = 20
 GB = 1024**3
@@ -72,11 +77,13 @@ def settings(model: Path, data: Path, res: int, batch: int, steps: int) -> dict:
             "save": {"every_n_steps": 0}, "sample": {"prompts": [], "every_n_steps": 0}}
 
 
-def engine(model: Path, data: Path, preset: str, res: int, batch: int, steps: int) -> dict:
-    from trainer.config import resolve
+def engine(model: Path, data: Path, preset: str, res: int, batch: int, steps: int, over: dict | None = None,
+           family: str = "sd15") -> dict:
+    from trainer.config import merge, resolve
     from trainer.loop import run_job
+    from trainer.memory_plan import phases
 
-    cfg = resolve(preset, extra=settings(model, data, res, batch, steps))
+    cfg = resolve(preset, extra=merge(settings(model, data, res, batch, steps), over or {}))
     reset_peak()
     t0 = time.time()
     with tempfile.TemporaryDirectory() as ws:
@@ -84,7 +91,8 @@ def engine(model: Path, data: Path, preset: str, res: int, batch: int, steps: in
         rows, status = run.metrics(), run.status()
     first, last = next(r for r in rows if r["step"] == WARMUP), rows[-1]
     return {"steps_per_s": (last["step"] - WARMUP) / (last["time"] - first["time"]), "wall_s": time.time() - t0,
-            "peak_train_gb": (status.get("peak_memory") or float("nan")) / GB, "reserved_gb": peak("reserved")}
+            "peak_train_gb": (status.get("peak_memory") or float("nan")) / GB, "reserved_gb": peak("reserved"),
+            "by_phase": status.get("memory_by_phase"), "estimate_by_phase": phases(cfg, family)}
 
 
 def reference(model: Path, data: Path, preset: str, res: int, batch: int, steps: int) -> dict:
@@ -181,7 +189,7 @@ def main():
     DEVICE = "cpu" if a.smoke else "cuda"
     rows, raw = [], {}
     for name in a.cases.split(","):
-        family, preset, res, batch = CASES[name]
+        family, preset, res, batch, *over = CASES[name]
         if a.smoke:
             res = 64
         if a.smoke:
@@ -194,11 +202,11 @@ def main():
         else:
             model = make_random_model(family, a.models / family, "cuda")
         data = images(a.models / f"images{res}", res)
-        e = engine(model, data, preset, res, batch, a.steps)
+        e = engine(model, data, preset, res, batch, a.steps, over[0] if over else None, family)
         with_ref = a.reference == "all" or name in a.reference.split(",")
         r = reference(model, data, preset, res, batch, a.steps) if with_ref else None
         raw[name] = {"engine": e, "reference": r}
-        rows.append({"case": f"{family} {res}px b{batch}", "preset": preset,
+        rows.append({"case": f"{family} {res}px b{batch}", "preset": preset + (f" {over[0]}" if over else ""),
                      "engine steps/s": f"{e['steps_per_s']:.2f}",
                      "reference steps/s": f"{r['steps_per_s']:.2f}" if r else "—",
                      "engine vs reference": f"{(e['steps_per_s'] / r['steps_per_s'] - 1) * 100:+.0f}%" if r else "—",
