@@ -181,6 +181,12 @@ def test_ema_resumes_exactly_and_is_exported(demo_dir, tmp_path):
     assert any(not torch.allclose(a[k], live[k]) for k in a if "lora_down" in k)  # an average, not the last weights
     assert full.status()["ema_lora"] == "full-ema.safetensors"
     assert "6 updates, decay 0.9" in (full.path / "log.txt").read_text()
+    from ui.access import lora, my_loras
+    from ui.context import AppContext
+
+    ctx = AppContext.create(tmp_path, local=False)
+    assert "runs/full/full-ema.safetensors" in [v for _, v in my_loras(ctx)]  # the Test tab lists it
+    assert lora(ctx, "runs/full/full-ema.safetensors") == (full.path / "full-ema.safetensors").resolve()
 
 
 def test_the_memory_estimate_covers_each_phase_and_each_saving():
@@ -222,6 +228,28 @@ def test_check_settings_says_what_does_not_fit_the_card_and_which_setting_would(
     big = resolve("sdxl-24gb", extra={**xl, "dataset": {"resolution": 2048}, "train": {"batch_size": 8}})
     assert "Even with every memory saving on it would not fit" in plan(big, None, on_cpu=False, card=2.0)["warnings"][0]
     assert not any("card" in w for w in plan(cfg, None, on_cpu=True)["warnings"])  # no card: nothing to check
+
+
+@pytest.mark.parametrize("base", ["tiny-demo", "tiny-random-xl"])
+def test_samples_encode_their_prompts_first_and_draw_what_the_pipeline_draws(base):
+    """generate() brings the text encoders for the prompts and sends them back before the UNet works: the images
+    are those of the pipeline called with the prompts, to the bit."""
+    from trainer.sampling import make_pipeline
+
+    model = load_base(base)
+    ours = generate(model, ["lablora, a circle", "a square"], seed=3, steps=4, guidance_scale=5.0,
+                    negative_prompt="blurry", width=64, height=64)
+    pipe = make_pipeline(model)
+    for prompt, image in zip(["lablora, a circle", "a square"], ours):
+        g = torch.Generator("cpu").manual_seed(3)
+        latents = torch.randn((1, 4, 64 // model.vae_scale, 64 // model.vae_scale), generator=g)
+        with torch.no_grad():
+            out = pipe(prompt=prompt, negative_prompt="blurry", num_inference_steps=4, guidance_scale=5.0, width=64,
+                       height=64, latents=latents, generator=g, output_type="latent")
+            from trainer.sampling import decode
+
+            theirs = decode(pipe, out.images)[0]
+        assert np.array_equal(np.asarray(image), np.asarray(theirs))
 
 
 def test_a_card_lending_shared_memory_is_named_in_the_warning():

@@ -115,3 +115,20 @@ def test_the_live_panel_stays_on_its_run_and_an_opened_run_follows_its_state(ser
     assert not page.locator("#run-other").count()
     page.click("#train-stop")
     wait_for(lambda: progress(page)[0] == "stopped", 120, what="the second run stopped")
+
+
+def test_a_small_card_preset_fills_the_memory_options_and_the_estimate_shows_each_phase(server, browser, tmp_path):
+    data = make_demo_dataset(tmp_path / "small", count=4)
+    page = train_tab_with(browser, server, data)
+    pick(page, "train-preset", "sdxl-6gb")
+    wait_for(lambda: "sdxl-6gb" in page.inner_text("#train-preset-info"), 20, what="preset")
+    page.get_by_text("More model options").click()
+    page.get_by_text("More train options").click()
+    wait_for(lambda: page.input_value("#cfg-model-weight-dtype input") == "fp8_e4m3fn", 20, what="fp8 base weights")
+    assert page.input_value("#cfg-train-offload input") == "text_encoders"
+    page.get_by_role("button", name="Check settings").click()
+    wait_for(lambda: "GB by phase: caching" in page.inner_text("#train-summary"), 30, what="the estimate per phase")
+    summary = page.inner_text("#train-summary")
+    assert "loading" in summary and "training" in summary
+    page.locator("#cfg-train-offload").scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "train-small-card.png"), full_page=True)

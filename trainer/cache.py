@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from .data.images import UnreadableImage, fit, to_tensor
 from .data.sources import Problem
-from .encode import encode_images, encode_text
+from .encode import encode_images, encode_text_in_turn
 
 
 def _key(*parts) -> str:
@@ -84,6 +84,9 @@ class TextCache:
         self.encoded = self.reused = 0
 
     def fill(self, captions, device) -> None:
+        """Embeddings of `captions`, from the disk cache or encoded with the text encoders brought to `device`
+        one at a time (they are on the CPU after)."""
+        todo = []
         for cap in sorted(set(captions)):
             path = self.dir / f"{_key(cap, self.model.fingerprint)}.safetensors"
             if self.on_disk and path.exists():
@@ -94,8 +97,12 @@ class TextCache:
                     continue
                 except Exception:
                     path.unlink(missing_ok=True)
-            with torch.no_grad():
-                emb, pooled = encode_text(self.model, [cap], device)
+            todo.append((cap, path))
+        if not todo:
+            return
+        with torch.no_grad():
+            encoded = encode_text_in_turn(self.model, [cap for cap, _ in todo], device)
+        for (cap, path), (emb, pooled) in zip(todo, encoded):
             entry = {"embeds": emb[0].float().cpu()}
             if pooled is not None:
                 entry["pooled"] = pooled[0].float().cpu()

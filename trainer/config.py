@@ -109,8 +109,9 @@ class TrainConfig:
                                choices=["auto", "bf16", "fp16", "fp32"])
     gradient_checkpointing: bool = opt(False, "Recompute activations to save memory (slower).")
     checkpoint_depth: str = opt("block", "How fine gradient checkpointing is: block (each ResNet and transformer "
-                                "block, as diffusers does) or layer (each attention and feed-forward on its own: "
-                                "less memory while a block is recomputed, a little slower).",
+                                "block, as diffusers does) or layer (each attention and feed-forward on its own: a "
+                                "lower peak while one is recomputed, but the outputs of the norms between them are "
+                                "kept: +0.2 GB for SD 1.5 at 512 px, +2.1 GB for SDXL at 1024 px; block is leaner).",
                                 choices=["block", "layer"])
     offload: str = opt("text_encoders", "What waits in CPU memory while training: none; text_encoders (after "
                        "caching their embeddings); blocks (also the UNet's blocks, each copied to the GPU just "

@@ -23,6 +23,27 @@ def encode_text(model, captions: list[str], device) -> tuple[torch.Tensor, torch
     return torch.cat(embeds, dim=-1), pooled
 
 
+def encode_text_in_turn(model, captions: list[str], device) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """encode_text of each caption (one at a time, so the numbers are those of encode_text([caption])), with
+    the text encoders brought to `device` one after the other and sent back to the CPU: the card holds one
+    (SDXL's second, 2.6 GB in fp32) instead of both (3.3 GB)."""
+    parts: list[list] = [[] for _ in captions]
+    pooled: list = [None] * len(captions)
+    for i, (tok, te) in enumerate(zip(model.tokenizers, model.text_encoders)):
+        te.to(device)
+        try:
+            for n, cap in enumerate(captions):
+                out = te(tokenize(tok, [cap]).to(device), output_hidden_states=True)
+                if model.is_xl:
+                    parts[n].append(out.hidden_states[-2].cpu())  # SDXL conditions on the penultimate layer
+                    pooled[n] = out[0].cpu()  # text_encoder_2's projected pooled output
+                else:
+                    parts[n].append(out[0].cpu())
+        finally:
+            te.to("cpu")
+    return [(torch.cat(p, dim=-1), pooled[n]) for n, p in enumerate(parts)]
+
+
 def vae_shift_scale(vae) -> tuple[float, float]:
     return float(getattr(vae.config, "shift_factor", None) or 0.0), float(vae.config.scaling_factor)
 

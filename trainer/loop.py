@@ -367,6 +367,8 @@ class Job:
             self.ema = AdapterEMA(p.params, t.ema_decay, t.ema_every, t.ema_on_cpu)
         step = begun = self.restore(p, acc) if resume else p.start_step
         self.cuda = device if device.type == "cuda" else None
+        if self.cuda:
+            self.check_fit(p)
         self.meter.start("training")  # the peak shown is the training's: caching (VAE, text encoders) is over by now
         if resume and self.main:
             self.run.truncate_metrics(step)
@@ -467,6 +469,21 @@ class Job:
         acc.wait_for_everyone()  # other processes end once the file exists
         return self.run
 
+    def check_fit(self, p: Prepared) -> None:
+        """The estimate per phase in the log, and a warning (log, live panel) when it exceeds the card."""
+        from .memory_plan import fit_warning, phases
+        from .plan_summary import family_guess
+
+        family = "tiny" if family_guess(self.cfg.model.base) == "tiny" else p.model.family
+        est = phases(self.cfg, family)
+        self.log("memory estimate by phase: " + ", ".join(f"{k} {v:.1f} GB" for k, v in est.items()))
+        fit = fit_warning(self.cfg, family, torch.cuda.get_device_properties(self.cuda).total_memory / 1024**3)
+        if fit:
+            self.log(f"warning: {fit}")
+            self.memory_warning = fit
+            if self.main:
+                self.run.set_status("running", memory_warning=fit)
+
     def flush(self, pending, acc, step, total, t0, done0) -> float:
         losses = acc.reduce(torch.stack([l for _, l, _ in pending]), reduction="mean").float().cpu().tolist()
         memory = torch.cuda.memory_allocated(self.cuda) if self.cuda else None
@@ -487,7 +504,7 @@ class Job:
         now = time.time()
         recent = (now - self.flushed[0]) / (step - self.flushed[1]) if self.flushed and step > self.flushed[1] else None
         self.flushed = (now, step)
-        warning = self.meter.warning(recent) if self.cuda else None
+        warning = (self.meter.warning(recent) if self.cuda else None) or self.memory_warning
         if warning and warning != self.memory_warning:
             self.log(f"warning: {warning}")
         self.memory_warning = warning

@@ -16,12 +16,15 @@ PHASES = ("caching", "loading", "training", "sampling")
 # bf16/fp16 weights of the whole model part
 UNET_GB = {"sd15": 1.6, "sd2": 1.6, "sdxl": 4.8, "tiny": 0.01}
 TEXT_GB = {"sd15": 0.23, "sd2": 0.68, "sdxl": 1.64, "tiny": 0.01}  # all text encoders
-VAE_GB = 0.16
+TEXT_LARGEST_GB = {"sd15": 0.23, "sd2": 0.68, "sdxl": 1.39, "tiny": 0.01}  # the largest one (SDXL: OpenCLIP bigG)
+VAE_GB = {"tiny": 0.001}  # else 0.16 (the same VAE for every family)
 LORA_RANK16 = {"sd15": 3.2e6, "sd2": 3.3e6, "sdxl": 23.2e6, "tiny": 1e4}  # weights, attention targets
 # per 512² image of batch: training activations without / with checkpointing, and a VAE decode (bf16)
 ACT_GB = {"sd15": (1.09, 0.25), "sd2": (1.05, 0.22), "sdxl": (1.82, 0.17), "tiny": (0.01, 0.01)}
-DECODE_GB = 0.36
-ENCODE_GB = 0.68  # the VAE encoding one 512² image in fp32 (caching)
+# with train.checkpoint_depth=layer: the norms between the parts keep their outputs (fp32 under autocast)
+ACT_LAYER_GB = {"sd15": 0.44, "sd2": 0.41, "sdxl": 0.71, "tiny": 0.01}
+DECODE_GB = {"tiny": 0.005}  # else 0.36
+ENCODE_GB = {"tiny": 0.005}  # else 0.62: the VAE encoding one 512² image in fp32 (caching)
 CONTEXT_GB = 0.4  # the CUDA context and library workspaces
 OPT_BYTES = {"adamw8bit": 2, "prodigy": 16, "sgd": 4, "adafactor": 4}  # state per trained weight; else 8
 # Share of the UNet's weights in the layers model.weight_dtype stores (trainer/base_weights.py), in the
@@ -54,13 +57,15 @@ def phases(cfg, family: str) -> dict[str, float]:
     state = lora * (4 + 4 + ema + OPT_BYTES.get(t.optimizer, 8)) / 1024**3  # weights, gradients, EMA, optimizer
     text_cached = d.cache_text_embeddings and not net.train_text_encoder and not d.shuffle_tags
     checkpointed = t.gradient_checkpointing or t.offload == "blocks"
-    act = ACT_GB[family][1 if checkpointed else 0] * area * t.batch_size
+    act = (ACT_LAYER_GB[family] if checkpointed and t.checkpoint_depth == "layer" else
+           ACT_GB[family][1 if checkpointed else 0]) * area * t.batch_size
     unet = _unet_gb(cfg, family, half)
     text_stored = (BYTES.get(cfg.model.weight_dtype) or 2 * half) / 2 if net.train_text_encoder else half
     text_train = 0 if text_cached else TEXT_GB[family] * text_stored
+    vae_w, decode, encode = VAE_GB.get(family, 0.16), DECODE_GB.get(family, 0.36), ENCODE_GB.get(family, 0.62)
     out = {
-        # fp32 encoders; the VAE is done (and gone) before the text encoders come
-        "caching": max(VAE_GB * 2 + ENCODE_GB * area, TEXT_GB[family] * 2 if text_cached else 0),
+        # in fp32: the VAE, done (and gone) before the text encoders come, one at a time
+        "caching": max(vae_w * 2 + encode * area, TEXT_LARGEST_GB[family] * 2 if text_cached else 0),
         "loading": unet + text_train,
         "training": unet + state + act + text_train,
     }
@@ -68,7 +73,7 @@ def phases(cfg, family: str) -> dict[str, float]:
         text_train = TEXT_GB[family] * half
         out["training"] += text_train
     if cfg.sample.prompts:
-        vae = VAE_GB * half + DECODE_GB * half * area
+        vae = vae_w * half + decode * half * area
         # the text encoders come for the prompts (unless they are there) and leave before the VAE decodes
         out["sampling"] = unet + state + text_train + max(0 if text_train else TEXT_GB[family] * half, vae)
     return {k: round(CONTEXT_GB + v, 2) for k, v in out.items()}

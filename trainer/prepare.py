@@ -103,13 +103,11 @@ def fill_caches(cfg, model, ds, examples, cache_dir: Path, device, log,
     log(f"latents: {latents.encoded} encoded, {latents.reused} read from the cache")
     text = None
     if text_is_cached(cfg):
-        for te in model.text_encoders:
-            te.to(device)
-        text = TextCache(cache_dir, model, True)
+        text = TextCache(cache_dir, model, True)  # each encoder comes to the device in turn and leaves
         text.fill([e.caption for e in examples] + list(more_captions) + [""], device)
-        for te in model.text_encoders:
-            if cfg.train.offload != "none":  # none: they stay for the samples
-                te.to("cpu")
+        if cfg.train.offload == "none":  # they stay on the device, for the samples
+            for te in model.text_encoders:
+                te.to(device)
         log(f"text embeddings: {text.encoded} encoded, {text.reused} read from the cache")
     else:
         for te in model.text_encoders:

@@ -115,9 +115,11 @@ def _my_lora_files(ctx) -> list[tuple[Path, str | None]]:
     """(file, run name or None) of the caller's LoRAs, newest run first, then the uploaded ones."""
     out = []
     for r in list_runs(ctx.workspace):
-        lora = r.status().get("lora")
-        if isinstance(lora, str) and (r.path / Path(lora).name).is_file():
-            out.append((r.path / Path(lora).name, r.name))
+        st = r.status()
+        for key in ("lora", "best_lora", "ema_lora"):  # the final file, the lowest validation loss's, the average
+            lora = st.get(key)
+            if isinstance(lora, str) and (r.path / Path(lora).name).is_file():
+                out.append((r.path / Path(lora).name, r.name))
     return out + [(p, None) for p in sorted((ctx.workspace / "loras").glob("*.safetensors"))]
 
 

@@ -14,7 +14,10 @@ COMMON = ["name", "model.base", "dataset.caption_prefix", "dataset.resolution", 
 HIDDEN = {"dataset.source", "dataset.split", "dataset.image_column", "dataset.caption_column"}  # from the Dataset tab
 LABELS = {"name": "Run name", "model.base": "Base model", "dataset.caption_prefix": "Trigger word (caption prefix)",
           "sample.prompts": "Sample prompts (one per line)", "save.every_n_steps": "Save a checkpoint every N steps",
-          "sample.every_n_steps": "Sample every N steps"}
+          "sample.every_n_steps": "Sample every N steps", "model.weight_dtype": "Store the base weights as",
+          "train.checkpoint_depth": "Checkpoint depth", "train.offload": "Offload to CPU memory",
+          "train.offload_blocks": "Blocks kept on the GPU (offload=blocks)", "train.ema": "EMA of the adapter weights",
+          "train.ema_decay": "EMA decay", "train.ema_every": "EMA every N steps", "train.ema_on_cpu": "EMA in CPU memory"}
 
 
 def _num(v) -> str:

@@ -36,7 +36,7 @@ CASES = {  # name: (family, preset, resolution, batch)
     # issue 19's small cards: the presets, and SDXL with everything turned down (blocks offloaded too)
     "sdxl-6gb-b1": ("sdxl", "sdxl-6gb", 1024, 1),
     "sd15-4gb-b1": ("sd15", "sd15-4gb", 512, 1),
-    "sdxl-min-b1": ("sdxl", "sdxl-6gb", 1024, 1, {"train": {"offload": "blocks", "checkpoint_depth": "layer"}}),
+    "sdxl-min-b1": ("sdxl", "sdxl-6gb", 1024, 1, {"train": {"offload": "blocks"}}),
     "sdxl-12gb-fp8-b1": ("sdxl", "sdxl-12gb", 1024, 1, {"model": {"weight_dtype": "fp8_e4m3fn"}}),
 }
 WARMUP = 20

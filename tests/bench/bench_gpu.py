@@ -46,13 +46,17 @@ def step_inputs(unet, res: int, batch: int, scale: int, device):
     return lat, t, emb, extra
 
 
-def lora_unet(family: str, preset: str, device: str, dtype, peft_casts: bool = False):
-    """The engine's UNet for a preset: frozen weights in `dtype`, a rank-16 adapter in fp32."""
+def lora_unet(family: str, preset: str, device: str, dtype, peft_casts: bool = False, over: dict | None = None,
+              wrap: bool = True):
+    """The engine's UNet for a preset (and `over`, config changes): frozen weights in `dtype` or stored as
+    model.weight_dtype says, a rank-16 adapter in fp32, checkpointing and offloading as the engine sets them
+    (`wrap=False` leaves those to `engine_wrap`, for a caller that swaps the weights first)."""
     from trainer.adapters import adapter_parameters, add_adapter, skip_input_casts
+    from trainer.base_weights import store_weights
     from trainer.config import resolve
-    from trainer.prepare import cast
+    from trainer.prepare import cast, storage_dtype
 
-    cfg = resolve(preset)
+    cfg = resolve(preset, extra=over or {})
     unet = build_unet(family, device)
     cast(unet, device, dtype)
     unet.requires_grad_(False)
@@ -62,10 +66,28 @@ def lora_unet(family: str, preset: str, device: str, dtype, peft_casts: bool = F
         skip_input_casts(unet, cfg.network.algorithm)
     for p in adapter_parameters(unet):
         p.data = p.data.float()
-    if cfg.train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    storage = storage_dtype(cfg, dtype)
+    if storage:
+        store_weights(unet, storage, dtype)
+    if wrap:
+        engine_wrap(unet, cfg, device)
     unet.train()
     return unet, cfg
+
+
+def engine_wrap(unet, cfg, device):
+    """Gradient checkpointing at the config's depth, and with train.offload=blocks the offloader (returned)."""
+    from trainer.checkpointing import units, wrap_units
+    from trainer.offload import BlockOffloader
+
+    t = cfg.train
+    if t.offload == "blocks":
+        off = BlockOffloader(units(unet, t.checkpoint_depth), device, t.offload_blocks)
+        wrap_units(unet, t.checkpoint_depth, checkpointed=True, on_enter=off.enter)
+        return off
+    if t.gradient_checkpointing:
+        wrap_units(unet, t.checkpoint_depth, checkpointed=True)
+    return None
 
 
 def training_step(family: str, preset: str, res: int, batch: int, device: str, compile: bool = False,

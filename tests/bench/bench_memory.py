@@ -22,7 +22,7 @@ import time
 import weakref
 from contextlib import contextmanager, nullcontext
 
-from bench_gpu import CASES, lora_unet, step_inputs as inputs
+from bench_gpu import CASES, engine_wrap, lora_unet, step_inputs as inputs
 from common import report
 
 import torch
@@ -31,6 +31,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 GB = 1024**3
+SMALL = {"train": {"offload": "blocks"}}  # SDXL with everything turned down
+MEMORY_CASES = [(*c, {}) for c in CASES] + [
+    ("SDXL, 1024 px, batch 1", "sdxl", "sdxl-6gb", 1024, 1, {}),
+    ("SD 1.5, 512 px, batch 1", "sd15", "sd15-4gb", 512, 1, {}),
+    ("SDXL, 1024 px, batch 1, blocks offloaded", "sdxl", "sdxl-6gb", 1024, 1, SMALL),
+    ("SDXL, 1024 px, batch 1, layer checkpoints", "sdxl", "sdxl-6gb", 1024, 1, {"train": {"checkpoint_depth": "layer"}}),
+    ("SD 1.5, 512 px, batch 1, layer checkpoints", "sd15", "sd15-4gb", 512, 1, {"train": {"checkpoint_depth": "layer"}}),
+]
 OPT_BYTES = {"adamw": 8.0, "adamw8bit": 2 + 8 / 256}  # state bytes per trained weight
 
 
@@ -119,28 +127,50 @@ def step_peak(unet, res: int, batch: int, scale: int, device, autocast, tracker:
         del pred, loss
 
 
-def estimate(family: str, preset: str, res: int, batch: int) -> dict:
+def estimate(family: str, preset: str, res: int, batch: int, over: dict | None = None) -> dict:
     dev = torch.device("cpu")  # fake CUDA tensors cannot take part in autograd on a CPU-only PyTorch
-    unet, cfg = lora_unet(family, preset, "meta", torch.bfloat16)
+    unet, cfg = lora_unet(family, preset, "meta", torch.bfloat16, over=over, wrap=False)
     trained = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     mode = FakeTensorMode()
     to_fake(unet, mode, dev)
+    off = engine_wrap(unet, cfg, dev)  # with offload=blocks, each block "on the device" is a copy of its own
+    host = off.bytes_on_host() if off else 0  # the blocks' weights in CPU memory, on a GPU not on the card
     tracker = PeakMemory()
     t0 = time.perf_counter()
     with mode, cuda_autocast_norms():
         step_peak(unet, res, batch, 2 if family == "tiny" else 8, dev,
                   lambda: torch.autocast("cpu", dtype=torch.bfloat16), tracker)
-    weights = sum(-(-p.numel() * p.element_size() // 512) * 512 for p in unet.parameters())
+    weights = sum(-(-p.numel() * p.element_size() // 512) * 512 for p in unet.parameters()) - host
     opt = trained * OPT_BYTES[cfg.train.optimizer]
     attention = sorted(o for o in tracker.ops if "attention" in o and "backward" not in o)
-    return {"peak_gb": (tracker.peak + opt) / GB, "weights_gb": weights / GB, "optimizer_gb": opt / GB,
-            "trained": trained, "attention": attention, "seconds": time.perf_counter() - t0}
+    return {"peak_gb": (tracker.peak - host + opt) / GB, "weights_gb": weights / GB, "optimizer_gb": opt / GB,
+            "trained": trained, "attention": attention, "seconds": time.perf_counter() - t0,
+            "offloaded_gb": host / GB}
+
+
+def caching_peak(family: str, res: int) -> float:
+    """GB of the caching phase's VAE: its fp32 weights and the encoding of one image at `res`, no gradients."""
+    from diffusers import AutoencoderKL
+
+    from trainer.models.load import config_folder
+
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_folder(family) / "vae"))
+    mode, dev = FakeTensorMode(), torch.device("cpu")
+    to_fake(vae, mode, dev)
+    tracker = PeakMemory()
+    for t in [*vae.parameters(), *vae.buffers()]:
+        tracker.add(t)
+    with mode, torch.no_grad(), tracker:
+        vae.encode(torch.randn(1, 3, res, res)).latent_dist.mean
+    return tracker.peak / GB
 
 
 def sampling_peak(family: str, res: int, unet_gb: float, state_gb: float) -> dict:
-    """A sample image during training at `res` on a bf16 card: the UNet with its LoRA and optimizer state
-    stay, the text encoders and the VAE (bf16 once latents are cached) join them; the peak adds the
-    larger of a denoising step (batch 2 for guidance, no gradients) and the VAE's decode."""
+    """A sample image during training at `res` on a bf16 card: the UNet (`unet_gb` of it on the card) with its
+    LoRA and optimizer state stay; the text encoders (bf16) come for the prompts and leave; then the VAE (bf16
+    once latents are cached) joins, with the larger of a denoising step (batch 2 for guidance, no gradients)
+    and its decode."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -168,7 +198,7 @@ def sampling_peak(family: str, res: int, unet_gb: float, state_gb: float) -> dic
     def decode():
         return vae.decode(torch.randn(1, 4, side, side, dtype=torch.bfloat16)).sample
 
-    for name, run in {"decode": decode, "denoise": denoise}.items():
+    for name, run in {"decode": decode, "denoise": denoise}.items():  # the text encoders have left by then
         tracker = PeakMemory()
         for t in [*unet.parameters(), *unet.buffers(), *vae.parameters(), *vae.buffers()]:
             tracker.add(t)  # weights are resident, counted above; their views are not new memory
@@ -177,48 +207,61 @@ def sampling_peak(family: str, res: int, unet_gb: float, state_gb: float) -> dic
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "denoise"):
                 run()
         work[name] = (tracker.peak - weights) / GB
-    resident = unet_gb + state_gb + te_gb + vae_gb
-    return {"peak_gb": resident + max(work.values()), "te_vae_gb": te_gb + vae_gb, **work}
+    # trainer/sampling.py: the text encoders come for the prompts and leave before the UNet and VAE work
+    peak = unet_gb + state_gb + max(te_gb, vae_gb + max(work.values()))
+    return {"peak_gb": peak, "te_vae_gb": te_gb + vae_gb, **work}
 
 
-def check_on_cpu(preset: str, dtype) -> dict:
-    """The tiny model on the CPU: the tracker counting real tensors, and the fake estimate."""
+def check_on_cpu(preset: str, dtype, over: dict | None = None) -> dict:
+    """The tiny model on the CPU: the tracker counting real tensors, and the fake estimate (with offloading,
+    less the blocks' weights in CPU memory, in both)."""
     peaks = {}
     for kind in ("real", "fake"):
-        unet, _ = lora_unet("tiny", preset, "cpu" if kind == "real" else "meta", dtype)
+        unet, cfg = lora_unet("tiny", preset, "cpu" if kind == "real" else "meta", dtype, over=over, wrap=False)
         mode = FakeTensorMode()
         if kind == "fake":
             to_fake(unet, mode, torch.device("cpu"))
+        off = engine_wrap(unet, cfg, torch.device("cpu"))
         tracker = PeakMemory()
         with mode if kind == "fake" else nullcontext(), cuda_autocast_norms():
             step_peak(unet, 64, 2, 2, torch.device("cpu"),
                       lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32), tracker)
-        peaks[f"{kind}_mb"] = round(tracker.peak / 1024**2, 3)
+        peaks[f"{kind}_mb"] = round((tracker.peak - (off.bytes_on_host() if off else 0)) / 1024**2, 3)
     return peaks
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true", help="also compare the estimate with a real CPU step")
+    ap.add_argument("--cases", default="all", help="all, or numbers into MEMORY_CASES (0-based), e.g. 5,6,7")
     a = ap.parse_args()
     rows = []
-    for label, family, preset, res, batch in CASES:
-        r = estimate(family, preset, res, batch)
+    picked = range(len(MEMORY_CASES)) if a.cases == "all" else [int(n) for n in a.cases.split(",")]
+    for n in picked:
+        label, family, preset, res, batch, over = MEMORY_CASES[n]
+        r = estimate(family, preset, res, batch, over)
         state = r["optimizer_gb"] + r["trained"] * 4 / GB  # optimizer state and the LoRA's gradients
         sample = sampling_peak(family, res, r["weights_gb"], state)
-        rows.append({"case": label, "preset": preset, "peak GB (est.)": f"{r['peak_gb']:.2f}",
+        rows.append({"case": label, "preset": preset + (f" {over}" if over else ""),
+                     "caching GB (est.)": f"{caching_peak(family, res):.2f}",
+                     "peak GB (est.)": f"{r['peak_gb']:.2f}",
                      "sampling peak GB (est.)": f"{sample['peak_gb']:.2f}",
                      "frozen+LoRA weights GB": f"{r['weights_gb']:.2f}", "optimizer GB": f"{r['optimizer_gb']:.3f}",
+                     "in CPU memory GB": f"{r['offloaded_gb']:.2f}",
                      "LoRA weights": f"{r['trained']:,}", "attention (CPU kernel)": ",".join(r["attention"]),
                      "s": f"{r['seconds']:.0f}"})
+        print(rows[-1], flush=True)
     notes = {"method": "FakeTensorMode (shapes and dtypes, no numbers) under bf16 autocast with CUDA's fp32 "
                        "norms; live storage bytes in 512-byte blocks; CUDA context, workspaces and "
                        "fragmentation not counted",
-             "sampling": "a sample image during training: UNet + LoRA + optimizer state, text encoders (bf16) "
-                         "and VAE (bf16) resident, plus the larger of a guided denoising step and the VAE decode"}
+             "sampling": "a sample image during training: UNet + LoRA + optimizer state resident; the text encoders "
+                         "(bf16) for the prompts, then the VAE (bf16) with the larger of a guided denoising step and "
+                         "its decode",
+             "caching": "the VAE in fp32 encoding one image at the training resolution, no gradients"}
     if a.check:
-        notes["check_tiny_cpu"] = {f"{p} {d}": check_on_cpu(p, dt) for p in ("sd15-8gb", "sd15-12gb")
+        notes["check_tiny_cpu"] = {f"{p} {d}": check_on_cpu(p, dt) for p in ("sd15-8gb", "sd15-12gb", "sd15-4gb")
                                    for d, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        notes["check_tiny_cpu"]["sd15-4gb bf16, blocks offloaded"] = check_on_cpu("sd15-4gb", torch.bfloat16, SMALL)
     report("memory_estimate", rows, notes)
 
 

@@ -3,7 +3,7 @@
 # wheels in .whl/ (diffusers, peft, bitsandbytes, ...) are installed to /tmp/site first.
 #   bash tests/bench/gpu_session.sh PART...     (OUT=folder to pack the results there)
 # PART: engine-sd15, engine-sd15-b1, engine-sdxl, steps, compile, compile-sd15, profile, profile-sdxl,
-#       profile-casts, encode; tests/bench/results/gpu/NOTES.md says what each found.
+#       profile-casts, encode, small-cards, small-cards-sd15; tests/bench/results/gpu/NOTES.md says what each found.
 # Each part's log and JSON go to tests/bench/results/, packed after each part into $OUT/results.tgz
 # (when OUT is set); a part stopped by its time limit does not stop the next.
 set -u
@@ -40,5 +40,10 @@ for p in "$@"; do
         profile-casts) part profile-casts 90 $PY tests/bench/profile_step.py --preset sd15-8gb --peft-casts ;;
         compile-sd15) part compile-sd15 220 $PY tests/bench/check_compile.py --device cuda --family sd15 ;;
         encode) part encode 100 $PY tests/bench/bench_encode_cost.py --device cuda --steps 20 ;;
+        # issue 19: peak allocated/reserved per phase and steps/s of the small-card presets against sdxl-12gb
+        small-cards) part small-cards 420 $PY tests/bench/bench_engine_gpu.py --steps 60 --reference none \
+                         --cases sdxl-12gb-b1,sdxl-6gb-b1,sdxl-min-b1,sdxl-12gb-fp8-b1 ;;
+        small-cards-sd15) part small-cards-sd15 200 $PY tests/bench/bench_engine_gpu.py --steps 100 --reference none \
+                              --cases sd15-8gb-b1,sd15-4gb-b1 ;;
     esac
 done
