@@ -259,3 +259,38 @@ def test_a_card_lending_shared_memory_is_named_in_the_warning():
     said = spill_warning(int(7.5 * gb), 6 * gb, windows=True)
     assert "7.5 GB" in said and "6.0 GB" in said and "shared system memory" in said
     assert spill_warning(5 * gb, 6 * gb, windows=True) is None
+
+
+def test_the_meter_keeps_each_phases_own_peak(monkeypatch):
+    """The phase bookkeeping, with CUDA's allocator counters played by a stand-in (there is no GPU here)."""
+    from types import SimpleNamespace
+
+    from trainer.memory_meter import PhaseMeter
+
+    alloc = {"now": 0, "peak": 0, "reserved": 0}
+
+    def use(n):
+        alloc["now"] = n
+        alloc["peak"] = max(alloc["peak"], n)
+        alloc["reserved"] = max(alloc["reserved"], n + 10)
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: alloc.update(peak=alloc["now"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: alloc["peak"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d: alloc["reserved"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: alloc["reserved"])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=1000))
+    meter = PhaseMeter(SimpleNamespace(type="cuda"))
+    meter.start("caching")
+    use(300)
+    use(20)
+    meter.start("training")
+    use(200)
+    with meter.during("sampling"):
+        use(500)
+        use(150)
+    use(250)
+    meter.note()
+    assert meter.peaks == {"caching": 300, "training": 250, "sampling": 500}
+    assert meter.warning(0.1) is None
+    use(1200)  # more than the card has: the Windows driver lends shared memory
+    assert "more than the card has" in meter.warning(0.1)

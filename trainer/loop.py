@@ -203,7 +203,8 @@ class Job:
             return
         finally:
             unet.train()
-            self.run.set_status("running", phase=None, memory_by_phase=self.meter.peaks or None)
+            self.run.set_status("running", phase=None, memory_by_phase=self.meter.peaks or None,
+                                reserved_by_phase=self.meter.reserved or None)
         for i, img in enumerate(images):
             path = self.run.samples_dir / f"step{step:06d}_{i:02d}.png"
             tmp = path.with_name("." + path.name)
@@ -443,7 +444,8 @@ class Job:
             self.save(p, step, acc)
         self.meter.note()
         if self.meter.peaks:
-            self.log("peak GPU memory by phase: " + ", ".join(f"{k} {v / 1024**3:.2f} GB" for k, v in self.meter.peaks.items()))
+            self.log("peak GPU memory by phase (allocated / reserved): " + ", ".join(
+                f"{k} {v / 1024**3:.2f} / {self.meter.reserved.get(k, 0) / 1024**3:.2f} GB" for k, v in self.meter.peaks.items()))
         if self.main:
             if cfg.sample.prompts and not (cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0):
                 self.sample(p, step, acc.unwrap_model(unet), device)
@@ -511,7 +513,7 @@ class Job:
         if self.main:  # what a watcher (the app, another tab) shows; it reads this file, never waits on us
             self.run.set_status("running", step=step, total_steps=total, last_loss=losses[-1], speed=speed, eta=eta,
                                 memory=memory, peak_memory=peak, memory_by_phase=self.meter.peaks or None,
-                                memory_warning=warning)
+                                reserved_by_phase=self.meter.reserved or None, memory_warning=warning)
         return losses[-1]
 
 

@@ -18,7 +18,8 @@ from .memory_plan import spill_warning
 class PhaseMeter:
     def __init__(self, device: torch.device):
         self.cuda = device if device.type == "cuda" else None
-        self.peaks: dict[str, int] = {}
+        self.peaks: dict[str, int] = {}  # bytes allocated at most, per phase
+        self.reserved: dict[str, int] = {}  # bytes the allocator held at most (what nvidia-smi shows, less the context)
         self.current: str | None = None
         self.step_seconds: list[float] = []
 
@@ -33,6 +34,8 @@ class PhaseMeter:
         if self.cuda and self.current:
             peak = torch.cuda.max_memory_allocated(self.cuda)
             self.peaks[self.current] = max(self.peaks.get(self.current, 0), peak)
+            held = torch.cuda.max_memory_reserved(self.cuda)
+            self.reserved[self.current] = max(self.reserved.get(self.current, 0), held)
 
     @contextmanager
     def during(self, name: str):
