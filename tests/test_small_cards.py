@@ -294,3 +294,52 @@ def test_the_meter_keeps_each_phases_own_peak(monkeypatch):
     assert meter.warning(0.1) is None
     use(1200)  # more than the card has: the Windows driver lends shared memory
     assert "more than the card has" in meter.warning(0.1)
+
+
+def test_an_oft_file_from_an_fp8_base_is_the_rotation_of_the_stored_weights():
+    """OFT files hold whole weight changes: from an fp8 base they are computed in fp32 from the stored weights
+    (not merged into the fp8 weight, which would round them), as an fp32 model with those weights gives."""
+    from trainer.export import adapter_file_tensors
+
+    stored, rounded = adapted_unet("oft", "attention"), adapted_unet("oft", "attention")
+    store_weights(stored.unet, torch.float8_e4m3fn, torch.float32)
+    for a, b in zip(stored.unet.modules(), rounded.unet.modules()):
+        if isinstance(a, StoredLinear):
+            b.weight.data = b.weight.data.to(torch.float8_e4m3fn).float()
+    ours = adapter_file_tensors(stored, stored.family, "oft", 4)
+    theirs = adapter_file_tensors(rounded, rounded.family, "oft", 4)
+    diffs = [k for k in ours if k.endswith(".diff")]
+    assert diffs and all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in diffs)
+    assert max(ours[k].abs().max().item() for k in diffs) > 1e-4  # a change, not nothing
+    assert all(m.weight.dtype == torch.float8_e4m3fn for m in stored.unet.modules() if isinstance(m, StoredLinear))
+
+
+def test_check_settings_warns_about_memory_options_that_will_not_work_together():
+    cfg = resolve("sdxl-6gb", extra={"train": {"offload": "blocks", "compile": True, "checkpoint_depth": "layer"}})
+    from trainer.plan_summary import plan
+
+    warnings = " ".join(plan(cfg, None, on_cpu=True)["warnings"])
+    assert "saves nothing on the CPU" in warnings
+    assert "train.compile is not used with train.offload=blocks" in warnings
+    assert "checkpoint_depth=layer keeps the norms' outputs" in warnings
+
+
+def test_the_settings_that_fit_are_each_needed():
+    import copy
+
+    from trainer.memory_plan import SAVINGS, fitting_settings, peak_gb
+
+    cfg = resolve("sdxl-24gb", extra={"sample": {"prompts": ["a photo"]}, "train": {"ema": True}})
+    need = fitting_settings(cfg, "sdxl", 4.0)
+    assert need and "train.offload=blocks" in need
+
+    def peak_with(labels):
+        trial = copy.deepcopy(cfg)
+        for label, change in SAVINGS:
+            if label in labels:
+                change(trial)
+        return peak_gb(trial, "sdxl")
+
+    assert peak_with(need) <= 3.8
+    for label in need:  # none of them can be left out
+        assert peak_with([x for x in need if x != label]) > 3.8, (label, need)

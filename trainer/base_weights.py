@@ -22,7 +22,7 @@ STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.fl
 BYTES = {"auto": None, "bf16": 2, "fp16": 2, "fp8_e4m3fn": 1, "fp8_e5m2": 1}
 # Small layers every step goes through first or last: kept in the training precision (as ComfyUI and
 # OneTrainer keep them), they cost little memory and carry most of fp8's error when stored coarsely.
-KEEP = ("conv_in", "conv_out", "time_embedding", "add_embedding", "time_emb_proj", "embeddings", "final_layer_norm")
+KEEP = ("conv_in", "conv_out", "time_embedding", "add_embedding", "time_emb_proj", "text_projection")
 
 
 class _UpcastLinear(torch.autograd.Function):

@@ -121,7 +121,8 @@ class TrainConfig:
                               "faster and needs more memory).", lo=0, hi=10_000)
     ema: bool = opt(False, "Also keep an exponential moving average of the adapter weights, exported as "
                     "<name>-ema.safetensors: often smoother results from a noisy run.")
-    ema_decay: float = opt(0.999, "EMA decay per update (0.999 averages about the last 1,000 updates).",
+    ema_decay: float = opt(0.999, "Highest EMA decay: update n uses min(n / (n + 9), this), so the average covers "
+                                  "about the last n / 9 updates until it is reached (0.999: after ~9,000 updates).",
                            lo=0.0, hi=0.999999)
     ema_every: int = opt(1, "Update the EMA every N steps.", lo=1, hi=1_000_000)
     ema_on_cpu: bool = opt(False, "Keep the EMA weights in CPU memory (saves GPU memory, costs a copy per update).")

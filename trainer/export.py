@@ -58,13 +58,19 @@ def _oft_diff(layer) -> torch.Tensor:
     # `oft_blocks` layout that ComfyUI reads rotates the *output* blocks with an exact Cayley
     # transform; one cannot be converted into the other. The weight difference (LyCORIS `diff`,
     # which ComfyUI also reads) reproduces the trained layer exactly.
+    # Merged into an fp32 copy on the adapter's device, not into the weight as it is: a base stored in fp8
+    # (model.weight_dtype) would round the merged weight, and an offloaded one waits in CPU memory.
     base = layer.get_base_layer()
-    before = base.weight.data.clone()
-    layer.merge(adapter_names=[ADAPTER])
-    after = base.weight.data.clone()
-    base.weight.data.copy_(before)
-    layer.merged_adapters.clear()
-    return after.float() - before.float()
+    stored = base.weight.data
+    before = stored.to(next(layer.oft_R.parameters()).device, torch.float32)
+    base.weight.data = before.clone()
+    try:
+        layer.merge(adapter_names=[ADAPTER])
+        after = base.weight.data.float()
+    finally:
+        base.weight.data = stored
+        layer.merged_adapters.clear()
+    return after - before
 
 
 def layer_tensors(layer, algorithm: str, alpha: float) -> dict[str, torch.Tensor]:

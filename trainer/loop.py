@@ -74,7 +74,7 @@ class Job:
         self.scoring = None  # (Scorer, Reference) once loaded; False when scores are off for this run
         self.ema = None  # ema.AdapterEMA with train.ema
         self.meter = PhaseMeter(torch.device("cpu"))  # memory_meter: the run's device once it starts
-        self.memory_warning = None
+        self.memory_warning = self.fit_warning = None
         self.flushed = None  # (time, step) of the last flush: the seconds per step since then
 
     def emit(self, kind: str, **data) -> None:
@@ -335,6 +335,9 @@ class Job:
         if cfg.train.offload == "blocks" and acc.num_processes > 1:
             raise LoraLabError("train.offload=blocks trains on one GPU, not under accelerate launch with several.",
                                "Use train.offload=text_encoders with several GPUs, or launch one process.")
+        if device.type not in ("cuda", "cpu") and (cfg.train.offload == "blocks" or "fp8" in cfg.model.weight_dtype):
+            raise LoraLabError(f"train.offload=blocks and fp8 base weights need a CUDA GPU (or the CPU), not {device.type}.",
+                               "Use train.offload=text_encoders and model.weight_dtype=auto, bf16 or fp16 on this device.")
         torch.manual_seed(cfg.train.seed)
         weight_dtype = DTYPE[precision]  # frozen weights in the training precision, as kohya does
         self.emit("status", state="loading", message="Loading the model and dataset…")
@@ -349,7 +352,9 @@ class Job:
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and newer
             torch.backends.cudnn.allow_tf32 = True
-        if cfg.train.channels_last:
+        if cfg.train.channels_last and p.offloader:
+            self.log("train.channels_last: not used with train.offload=blocks (the blocks come from CPU memory as they are)")
+        elif cfg.train.channels_last:
             unet.to(memory_format=torch.channels_last)
         if cfg.train.compile and p.offloader:
             self.log("train.compile: not used with train.offload=blocks (the blocks' weights move while it runs)")
@@ -442,13 +447,14 @@ class Job:
             return self.run
         if step > begun:
             self.save(p, step, acc)
-        self.meter.note()
-        if self.meter.peaks:
-            self.log("peak GPU memory by phase (allocated / reserved): " + ", ".join(
-                f"{k} {v / 1024**3:.2f} / {self.meter.reserved.get(k, 0) / 1024**3:.2f} GB" for k, v in self.meter.peaks.items()))
         if self.main:
             if cfg.sample.prompts and not (cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0):
                 self.sample(p, step, acc.unwrap_model(unet), device)
+        self.meter.note()
+        if self.meter.peaks:  # after the last samples, whose peak is often the run's
+            self.log("peak GPU memory by phase (allocated / reserved): " + ", ".join(
+                f"{k} {v / 1024**3:.2f} / {self.meter.reserved.get(k, 0) / 1024**3:.2f} GB" for k, v in self.meter.peaks.items()))
+        if self.main:
             path = self.export(p, step)
             early = {}
             if stopped_early:
@@ -482,7 +488,7 @@ class Job:
         fit = fit_warning(self.cfg, family, torch.cuda.get_device_properties(self.cuda).total_memory / 1024**3)
         if fit:
             self.log(f"warning: {fit}")
-            self.memory_warning = fit
+            self.memory_warning = self.fit_warning = fit
             if self.main:
                 self.run.set_status("running", memory_warning=fit)
 
@@ -506,7 +512,7 @@ class Job:
         now = time.time()
         recent = (now - self.flushed[0]) / (step - self.flushed[1]) if self.flushed and step > self.flushed[1] else None
         self.flushed = (now, step)
-        warning = (self.meter.warning(recent) if self.cuda else None) or self.memory_warning
+        warning = (self.meter.warning(recent) if self.cuda else None) or self.fit_warning  # the fit one stays
         if warning and warning != self.memory_warning:
             self.log(f"warning: {warning}")
         self.memory_warning = warning

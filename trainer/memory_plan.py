@@ -52,6 +52,8 @@ def phases(cfg, family: str) -> dict[str, float]:
     family = family if family in UNET_GB else "sd15"
     half = 2 if t.mixed_precision == "fp32" else 1  # fp32 weights take twice the space
     area = (d.resolution / 512) ** 2
+    s = cfg.sample
+    sample_area = (s.width or d.resolution) * (s.height or d.resolution) / 512**2
     lora = LORA_RANK16[family] * net.rank / 16 * (3 if net.targets == "all" else 1)
     ema = 4 if t.ema and not t.ema_on_cpu else 0
     state = lora * (4 + 4 + ema + OPT_BYTES.get(t.optimizer, 8)) / 1024**3  # weights, gradients, EMA, optimizer
@@ -73,7 +75,7 @@ def phases(cfg, family: str) -> dict[str, float]:
         text_train = TEXT_GB[family] * half
         out["training"] += text_train
     if cfg.sample.prompts:
-        vae = vae_w * half + decode * half * area
+        vae = vae_w * half + decode * half * sample_area
         # the text encoders come for the prompts (unless they are there) and leave before the VAE decodes
         out["sampling"] = unet + state + text_train + max(0 if text_train else TEXT_GB[family] * half, vae)
     return {k: round(CONTEXT_GB + v, 2) for k, v in out.items()}
@@ -85,9 +87,11 @@ def peak_gb(cfg, family: str) -> float:
 
 # What lowers the peak, in the order a user would give up least: (description, change to the config).
 SAVINGS = [
+    ("train.ema_on_cpu=true", lambda c: setattr(c.train, "ema_on_cpu", True)),
     ("train.gradient_checkpointing=true", lambda c: setattr(c.train, "gradient_checkpointing", True)),
     ("model.weight_dtype=fp8_e4m3fn", lambda c: setattr(c.model, "weight_dtype", "fp8_e4m3fn")),
     ("train.optimizer=adamw8bit", lambda c: setattr(c.train, "optimizer", "adamw8bit")),
+    ("network.train_text_encoder=false", lambda c: setattr(c.network, "train_text_encoder", False)),
     ("train.batch_size=1", lambda c: setattr(c.train, "batch_size", 1)),
     ("train.offload=blocks", lambda c: setattr(c.train, "offload", "blocks")),
     ("dataset.resolution=768", lambda c: setattr(c.dataset, "resolution", min(c.dataset.resolution, 768))),
@@ -96,20 +100,36 @@ SAVINGS = [
 
 
 def fitting_settings(cfg, family: str, card_gb: float) -> list[str] | None:
-    """The fewest changes from SAVINGS (taken in order) after which the run fits `card_gb` with 5 % to spare;
-    [] when it fits already, None when even all of them are not enough."""
+    """Changes from SAVINGS after which the run fits `card_gb` with 5 % to spare: taken in order until it fits,
+    then each one dropped again that the others make unneeded. [] when it fits already, None when even all of
+    them are not enough."""
     import copy
 
     budget = card_gb * 0.95
-    if peak_gb(cfg, family) <= budget:
+
+    def fits(labels) -> bool:
+        trial = copy.deepcopy(cfg)
+        for label, change in SAVINGS:
+            if label in labels:
+                change(trial)
+        return peak_gb(trial, family) <= budget
+
+    if fits([]):
         return []
-    trial, taken = copy.deepcopy(cfg), []
+    taken = []
     for label, change in SAVINGS:
-        before = peak_gb(trial, family)
-        change(trial)
-        if peak_gb(trial, family) < before:
+        before = copy.deepcopy(cfg)
+        for done, ch in SAVINGS:
+            if done in taken:
+                ch(before)
+        after = copy.deepcopy(before)
+        change(after)
+        if peak_gb(after, family) < peak_gb(before, family):
             taken.append(label)
-        if peak_gb(trial, family) <= budget:
+        if fits(taken):
+            for label in reversed(list(taken)):
+                if len(taken) > 1 and fits([t for t in taken if t != label]):
+                    taken.remove(label)
             return taken
     return None
 
@@ -124,6 +144,23 @@ def fit_warning(cfg, family: str, card_gb: float) -> str | None:
     if need is None:
         return head + " Even with every memory saving on it would not fit: use a smaller model or a larger card."
     return head + f" It fits with {', '.join(need)}."
+
+
+def option_warnings(cfg, on_cpu: bool) -> list[str]:
+    """Memory options that will not do what they say with the rest of the settings."""
+    t, out = cfg.train, []
+    if t.offload == "blocks":
+        if on_cpu:
+            out.append("train.offload=blocks saves nothing on the CPU (the weights are in main memory either way); "
+                       "it is for GPUs.")
+        if t.compile:
+            out.append("train.compile is not used with train.offload=blocks (the blocks' weights move while it runs).")
+        if t.channels_last:
+            out.append("train.channels_last is not used with train.offload=blocks.")
+    if t.checkpoint_depth == "layer" and (t.gradient_checkpointing or t.offload == "blocks"):
+        out.append("train.checkpoint_depth=layer keeps the norms' outputs between the parts: it needs more memory "
+                   "than block at small batches (SDXL 1024 px: +2.1 GB).")
+    return out
 
 
 def spill_warning(reserved: int, total: int, windows: bool) -> str | None:

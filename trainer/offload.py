@@ -96,6 +96,10 @@ class BlockOffloader:
         if upcoming is not None:
             self._copy(upcoming, ahead=True)
 
+    def new_pass(self) -> None:
+        """The UNet is called again: what ran last in the call before does not precede what runs first now."""
+        self.last = (None, None)
+
     def on_device_now(self) -> list[int]:
         return sorted(self.resident | set(self.loading))
 

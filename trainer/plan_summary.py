@@ -6,7 +6,7 @@ import math
 from .scores import NEEDS_MODEL
 from .validation import plan_line
 
-from .memory_plan import fit_warning, peak_gb, phases
+from .memory_plan import fit_warning, option_warnings, peak_gb, phases
 
 # Weights of the adapted layers (UNet, text encoders) per targets: whole ("full", an OFT file) and per rank
 # of a LoRA ("rank1"); from tests/bench/adapter_sizes.py.
@@ -181,6 +181,7 @@ def plan(cfg, dataset_summary: dict | None, on_cpu: bool | None = None, card: fl
     sp = sampling_plan(cfg, family, on_cpu)
     warnings += sampling_warnings(sp)
     warnings += oft_warnings(cfg, family)
+    warnings += option_warnings(cfg, on_cpu)
     card = card if card is not None else (None if on_cpu else card_gb(cfg.train.device))
     fit = fit_warning(cfg, family, card) if card else None
     if fit:

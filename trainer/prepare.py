@@ -198,7 +198,7 @@ def setup_adapters(cfg, model: BaseModel, device, weight_dtype, log=print):
         torch.nn.Module.to(model.unet, device)
     if t.gradient_checkpointing and not offload:
         wrap_units(model.unet, t.checkpoint_depth, checkpointed=True)
-    if t.gradient_checkpointing:
+    if t.gradient_checkpointing or offload:
         for te in tes:
             te.gradient_checkpointing_enable()
     lr = cfg.train.learning_rate
@@ -216,6 +216,7 @@ def place_unet(cfg, unet, device, log) -> BlockOffloader:
     offloader = BlockOffloader(blocks, device, t.offload_blocks)
     move_except(unet, device, blocks)
     wrap_units(unet, t.checkpoint_depth, checkpointed=True, on_enter=offloader.enter)
+    unet.register_forward_pre_hook(lambda *_: offloader.new_pass())
     log(f"offload: {len(blocks) - len(offloader.keep)} of the UNet's {len(blocks)} blocks "
         f"({offloader.bytes_on_host() / 1024**3:.2f} GB) wait in CPU memory and are copied to the device as they run"
         + ("" if t.gradient_checkpointing else " (with gradient checkpointing, which offloading needs)"))
