@@ -25,6 +25,7 @@ from .encode import encode_text, sdxl_time_ids, vae_shift_scale
 from .errors import LoraLabError
 from .events import Callback, Control, Event
 from .export import adapter_file_tensors, dataset_folders, metadata, save_file_atomic
+from .compile_plan import COMPILING, compiled, decide
 from .memory_meter import PhaseMeter
 from .optim import compute_loss, min_snr_weights
 from .precision import ACCELERATE, DTYPE, mixed_precision
@@ -356,14 +357,11 @@ class Job:
             self.log("train.channels_last: not used with train.offload=blocks (the blocks come from CPU memory as they are)")
         elif cfg.train.channels_last:
             unet.to(memory_format=torch.channels_last)
-        if cfg.train.compile and p.offloader:
-            self.log("train.compile: not used with train.offload=blocks (the blocks' weights move while it runs)")
-        elif cfg.train.compile and device.type == "cpu":
-            # torch.compile's CPU code (inductor, torch 2.13) left the mid block's LoRA without gradients
-            # in tests/bench/check_compile.py, and compiling gains a CPU demo run nothing.
-            self.log("train.compile: not used on the CPU (it is for GPUs)")
-        elif cfg.train.compile:
-            unet = torch.compile(unet)
+        compiling, said = decide(cfg, device, p.offloader is not None)
+        if said:
+            self.log(said)
+        if compiling:
+            unet = compiled(unet, self.run.path.parent.parent, len({e.size for e in p.examples}))
         # with offload=blocks the offloader has placed the UNet (its blocks' weights wait in CPU memory)
         unet, optimizer = acc.prepare(unet, p.optimizer, device_placement=[p.offloader is None, True])
         if cfg.train.ema:
@@ -387,6 +385,8 @@ class Job:
         if step >= total:
             self.log("nothing left to train")
         val_every = self.start_validation(p, step, unet, device, acc)
+        if compiling and self.main:  # the live panel says why the first step takes minutes
+            self.run.set_status("running", phase=COMPILING)
         pending: list[tuple[int, torch.Tensor, float]] = []
         flush_every = 1 if device.type == "cpu" else 10  # reading a GPU loss waits for the GPU
         t0, done0, epochs = time.time(), step, {}
@@ -414,6 +414,8 @@ class Job:
             step += 1
             if self.ema:
                 self.ema.update(step)
+            if compiling and step == begun + 1 and self.main:
+                self.run.set_status("running", phase=None)
             pending.append((step, step_loss, p.scheduler.get_last_lr()[0]))
             save_due = cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0
             sample_due = cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0

@@ -153,7 +153,7 @@ def option_warnings(cfg, on_cpu: bool) -> list[str]:
         if on_cpu:
             out.append("train.offload=blocks saves nothing on the CPU (the weights are in main memory either way); "
                        "it is for GPUs.")
-        if t.compile:
+        if t.compile == "on":
             out.append("train.compile is not used with train.offload=blocks (the blocks' weights move while it runs).")
         if t.channels_last:
             out.append("train.channels_last is not used with train.offload=blocks.")

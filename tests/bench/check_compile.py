@@ -8,11 +8,15 @@ its CPU code. Run it on a GPU before trusting compile there:
 Prints the worst relative gradient difference and how many LoRA tensors got no gradient.
 """
 import argparse
+import tempfile
+from pathlib import Path
 
 from common import report
 
 import torch
 from bench_gpu import lora_unet, step_inputs
+
+from trainer.compile_plan import compiled as compiled_unet
 
 
 def gradients(unet, model, inputs) -> dict:
@@ -40,7 +44,8 @@ def main():
             torch.nn.init.normal_(p, std=0.02)  # zero at the start of training: no gradient reaches lora_A
     inputs = step_inputs(unet, res, 1, scale, a.device)
     plain = gradients(unet, unet, inputs)
-    compiled = gradients(unet, torch.compile(unet, backend=a.backend), inputs)
+    with tempfile.TemporaryDirectory() as ws:  # the engine's way: one static graph per shape, its cache
+        compiled = gradients(unet, compiled_unet(unet, Path(ws), 1, a.backend), inputs)
     worst = max(float((plain[k] - compiled[k]).abs().max() / plain[k].abs().max().clamp_min(1e-12)) for k in plain)
     zero = [k for k in plain if compiled[k].abs().max() == 0 < plain[k].abs().max()]
     report(f"compile_{a.family}_{a.device.split(':')[0]}", [
