@@ -33,7 +33,8 @@ def decide(cfg, device, offloaded: bool) -> tuple[bool, str]:
 
 def compiled(unet, workspace: Path, shapes: int, backend: str = "inductor"):
     """The UNet compiled with one static graph per input shape (the buckets), PyTorch's compile cache kept in
-    the workspace (a second run with the same model and sizes starts from it)."""
+    the workspace (a second run with the same model and sizes starts from it). Samples and the validation loss
+    use the uncompiled module (the loop unwraps it): their shapes would each cost a compile of their own."""
     import torch
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(workspace) / "cache" / "compile"))

@@ -292,7 +292,7 @@ class Job:
         """Measure, record, keep the best LoRA; True when validation.patience says to stop."""
         v = self.cfg.validation
         began = time.time()
-        loss = p.validator.measure(acc.unwrap_model(unet), device, acc.autocast,
+        loss = p.validator.measure(acc.unwrap_model(unet, keep_torch_compile=False), device, acc.autocast,
                                    p.model.text_encoders if self.cfg.network.train_text_encoder else [])
         self.validation_seconds += time.time() - began
         new_best = self.best is None or loss < self.best.loss
@@ -434,7 +434,7 @@ class Job:
             if sample_due or sample_now:
                 if sample_now:
                     self.log(f"Sample now: making samples at step {step}")
-                self.sample(p, step, acc.unwrap_model(unet), device)
+                self.sample(p, step, acc.unwrap_model(unet, keep_torch_compile=False), device)
             if val_due or save_due or save_now or sample_due or sample_now:
                 self.flushed = None  # the time they took is not a training step's
         if pending:
@@ -451,7 +451,7 @@ class Job:
             self.save(p, step, acc)
         if self.main:
             if cfg.sample.prompts and not (cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0):
-                self.sample(p, step, acc.unwrap_model(unet), device)
+                self.sample(p, step, acc.unwrap_model(unet, keep_torch_compile=False), device)
         self.meter.note()
         if self.meter.peaks:  # after the last samples, whose peak is often the run's
             self.log("peak GPU memory by phase (allocated / reserved): " + ", ".join(
