@@ -63,3 +63,16 @@ def fixed_batch_loss(model, image_dir, caption):
         pred = model.unet(sched.add_noise(latents, noise, tt), tt, emb, added_cond_kwargs=extra).sample
         total += F.mse_loss(pred, noise).item()
     return total / 6
+
+
+def stopper(step: int):
+    """(callback, control) for run_job that asks the run to stop once it reports `step`."""
+    from trainer.events import Control
+
+    control = Control()
+
+    def callback(event):
+        if event.kind == "step" and event.data["step"] == step:
+            control.stop.set()
+
+    return callback, control

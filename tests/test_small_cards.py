@@ -5,13 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import tiny_config
+from conftest import tiny_config
+from helpers import stopper
 from trainer.adapters import add_adapter, adapter_layers, adapter_parameters
 from trainer.base_weights import StoredConv2d, StoredLinear, store_weights
 from trainer.checkpointing import units, wrap_units
 from trainer.config import NetworkConfig, resolve
 from trainer.encode import encode_text
-from trainer.events import Control
 from trainer.lora_file import read_lora
 from trainer.loop import run_job
 from trainer.models.load import load_base
@@ -164,13 +164,7 @@ def test_ema_resumes_exactly_and_is_exported(demo_dir, tmp_path):
     over = {"train.steps": 12, "save.every_n_steps": 4, "train.ema": True, "train.ema_decay": 0.9,
             "train.ema_every": 2, "train.learning_rate": 1e-2}
     full = run_job(tiny_config(demo_dir, name="full", **over), tmp_path)
-    control = Control()
-
-    def stop_at_6(event):
-        if event.kind == "step" and event.data["step"] == 6:
-            control.stop.set()
-
-    part = run_job(tiny_config(demo_dir, name="part", **over), tmp_path, stop_at_6, control)
+    part = run_job(tiny_config(demo_dir, name="part", **over), tmp_path, *stopper(6))
     assert part.status()["step"] == 6
     run_job(tiny_config(demo_dir, name="part", **over), tmp_path, run=part)
     a, _ = read_lora(full.path / "full-ema.safetensors")

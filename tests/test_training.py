@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from helpers import fixed_batch_loss, trained_model, unet_output
+from helpers import fixed_batch_loss, stopper, trained_model, unet_output
 from trainer.data.demo import make_demo_dataset
-from trainer.events import Control
 from trainer.lora_file import AppliedLoras, load_into_diffusers
 from trainer.loop import run_job
 from trainer.models.load import load_base
@@ -85,13 +84,7 @@ def test_resume_after_stop_matches_an_uninterrupted_run(demo_dir, tmp_path):
     over = {"train.steps": 12, "save.every_n_steps": 4, "dataset.flip": True, "dataset.caption_dropout": 0.2,
             "network.dropout": 0.1}
     full = run_job(tiny_config(demo_dir, name="full", **over), tmp_path)
-    control = Control()
-
-    def stop_at_7(event):
-        if event.kind == "step" and event.data["step"] == 7:
-            control.stop.set()
-
-    part = run_job(tiny_config(demo_dir, name="part", **over), tmp_path, stop_at_7, control)
+    part = run_job(tiny_config(demo_dir, name="part", **over), tmp_path, *stopper(7))
     st = part.status()
     assert st["state"] == "stopped" and st["step"] == 7  # honoured within one step
     assert (part.checkpoints_dir / "step-000007" / "state.json").exists()

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn,
            "fp8_e5m2": torch.float8_e5m2}
-BYTES = {"auto": None, "bf16": 2, "fp16": 2, "fp8_e4m3fn": 1, "fp8_e5m2": 1}
 # Small layers every step goes through first or last: kept in the training precision (as ComfyUI and
 # OneTrainer keep them), they cost little memory and carry most of fp8's error when stored coarsely.
 KEEP = ("conv_in", "conv_out", "time_embedding", "add_embedding", "time_emb_proj", "text_projection")
@@ -69,11 +68,6 @@ class StoredConv2d(torch.nn.Conv2d):
     def forward(self, x):
         return _UpcastConv2d.apply(x, self.weight, self.bias, self.compute_dtype, self.stride, self.padding,
                                    self.dilation, self.groups)
-
-
-def computed(weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A base weight in a format the maths can use with `like` (fp8 takes part in no arithmetic)."""
-    return weight.to(like.dtype) if weight.dtype != like.dtype else weight
 
 
 def _frozen_base_layers(model: torch.nn.Module):

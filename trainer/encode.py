@@ -11,16 +11,19 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 def encode_text(model, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(prompt embeddings [B, 77, D], pooled embeddings [B, D2] for SDXL else None)."""
-    if not model.is_xl:
-        te = model.text_encoders[0]
-        ids = tokenize(model.tokenizers[0], captions).to(device)
-        return te(ids)[0], None
     embeds, pooled = [], None
     for tok, te in zip(model.tokenizers, model.text_encoders):
-        out = te(tokenize(tok, captions).to(device), output_hidden_states=True)
-        embeds.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer
-        pooled = out[0]  # text_encoder_2's projected pooled output
+        hidden, pooled = _encoded(model, tok, te, captions, device)
+        embeds.append(hidden)
     return torch.cat(embeds, dim=-1), pooled
+
+
+def _encoded(model, tok, te, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One text encoder's part: (its embeddings, SDXL's pooled output from it or None)."""
+    if not model.is_xl:
+        return te(tokenize(tok, captions).to(device))[0], None
+    out = te(tokenize(tok, captions).to(device), output_hidden_states=True)
+    return out.hidden_states[-2], out[0]  # SDXL conditions on the penultimate layer; the last encoder's pooled
 
 
 def encode_text_in_turn(model, captions: list[str], device) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -29,16 +32,13 @@ def encode_text_in_turn(model, captions: list[str], device) -> list[tuple[torch.
     (SDXL's second, 2.6 GB in fp32) instead of both (3.3 GB)."""
     parts: list[list] = [[] for _ in captions]
     pooled: list = [None] * len(captions)
-    for i, (tok, te) in enumerate(zip(model.tokenizers, model.text_encoders)):
+    for tok, te in zip(model.tokenizers, model.text_encoders):
         te.to(device)
         try:
             for n, cap in enumerate(captions):
-                out = te(tokenize(tok, [cap]).to(device), output_hidden_states=True)
-                if model.is_xl:
-                    parts[n].append(out.hidden_states[-2].cpu())  # SDXL conditions on the penultimate layer
-                    pooled[n] = out[0].cpu()  # text_encoder_2's projected pooled output
-                else:
-                    parts[n].append(out[0].cpu())
+                hidden, last = _encoded(model, tok, te, [cap], device)
+                parts[n].append(hidden.cpu())
+                pooled[n] = None if last is None else last.cpu()
         finally:
             te.to("cpu")
     return [(torch.cat(p, dim=-1), pooled[n]) for n, p in enumerate(parts)]

@@ -10,9 +10,7 @@ Figures in GB for the full-size models, from tests/bench/bench_memory.py (fake t
 """
 from __future__ import annotations
 
-from .base_weights import BYTES
-
-PHASES = ("caching", "loading", "training", "sampling")
+BYTES = {"bf16": 2, "fp16": 2, "fp8_e4m3fn": 1, "fp8_e5m2": 1}  # per weight, each model.weight_dtype but auto
 # bf16/fp16 weights of the whole model part
 UNET_GB = {"sd15": 1.6, "sd2": 1.6, "sdxl": 4.8, "tiny": 0.01}
 TEXT_GB = {"sd15": 0.23, "sd2": 0.68, "sdxl": 1.64, "tiny": 0.01}  # all text encoders
@@ -107,29 +105,23 @@ def fitting_settings(cfg, family: str, card_gb: float) -> list[str] | None:
 
     budget = card_gb * 0.95
 
-    def fits(labels) -> bool:
+    def peak(labels) -> float:
         trial = copy.deepcopy(cfg)
         for label, change in SAVINGS:
             if label in labels:
                 change(trial)
-        return peak_gb(trial, family) <= budget
+        return peak_gb(trial, family)
 
-    if fits([]):
+    if peak([]) <= budget:
         return []
     taken = []
-    for label, change in SAVINGS:
-        before = copy.deepcopy(cfg)
-        for done, ch in SAVINGS:
-            if done in taken:
-                ch(before)
-        after = copy.deepcopy(before)
-        change(after)
-        if peak_gb(after, family) < peak_gb(before, family):
+    for label, _ in SAVINGS:
+        if peak(taken + [label]) < peak(taken):
             taken.append(label)
-        if fits(taken):
-            for label in reversed(list(taken)):
-                if len(taken) > 1 and fits([t for t in taken if t != label]):
-                    taken.remove(label)
+        if peak(taken) <= budget:
+            for unneeded in reversed(list(taken)):
+                if len(taken) > 1 and peak([t for t in taken if t != unneeded]) <= budget:
+                    taken.remove(unneeded)
             return taken
     return None
 
