@@ -40,11 +40,12 @@ def test_auto_compiles_long_gpu_runs_only():
     assert decide(cfg, CUDA, offloaded=False) == (False, "")
 
 
-@pytest.mark.parametrize("stored", [False, True])
-def test_the_compiled_graph_gives_the_eager_gradients(stored, tmp_path):
+@pytest.mark.parametrize("stored,fused", [(False, False), (True, False), (False, True)])
+def test_the_compiled_graph_gives_the_eager_gradients(stored, fused, tmp_path):
     """The engine's compile (static graph per shape) with inductor's graph capture and partitioning, the part
     that is correct on the CPU (its CPU code generation is not: tests/bench/check_compile.py), on the demo UNet
-    with a LoRA on every layer, also with fp8-stored base weights (their autograd function traced)."""
+    with a LoRA on every layer, also with fp8-stored base weights (their autograd function traced), and with
+    the fused LoRA attention (its weights' autograd function and processor traced)."""
     import torch
 
     from tests.test_small_cards import adapted_unet, step_inputs
@@ -55,6 +56,10 @@ def test_the_compiled_graph_gives_the_eager_gradients(stored, tmp_path):
     model = adapted_unet()
     if stored:
         store_weights(model.unet, torch.float8_e4m3fn, torch.float32)
+    if fused:
+        from trainer import fused_lora
+
+        assert fused_lora.install(model.unet)
     x, t, emb = step_inputs(model)
     model.unet.train()
 

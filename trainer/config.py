@@ -131,6 +131,12 @@ class TrainConfig:
                        "that many steps; on; off. (Was true/false: those still mean on/off.)",
                        choices=["auto", "on", "off"])
     channels_last: bool = opt(False, "Channels-last memory layout for the UNet (can be faster on GPUs).")
+    fused_lora: bool = opt(True, "Compute the UNet's LoRA attention projections together (q, k, v in one matmul, all "
+                           "weights cast at once): the same adapter in far fewer GPU launches per step. Plain LoRA "
+                           "without dropout; off: peft's layer-by-layer path.")
+    fast_norms: bool = opt(True, "Under bf16, run the UNet's GroupNorm/LayerNorm in bf16 (statistics in fp32) "
+                           "instead of casting their inputs and outputs to fp32 and back around each: fewer GPU "
+                           "launches, a rounding that the next layer makes anyway. Off: autocast's fp32 norms.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 turns clipping off.", lo=0.0, hi=1e6)
     seed: int = opt(42, "Random seed; the same seed repeats a CPU run exactly.", lo=0, hi=2**31 - 1)
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, mps.")

@@ -52,6 +52,14 @@ def process_share(global_batch: list[int], per_process: int, rank: int, processe
     return [(pos, padded[pos]) for pos in range(start, start + per_process)]
 
 
+def to_device(x: torch.Tensor, device: torch.device, dtype=None) -> torch.Tensor:
+    """Host to accelerator. On CUDA from pinned memory without waiting: the copy queues behind the work already
+    launched instead of stalling the host (PyTorch's pinned-memory cache keeps the buffer until it is done)."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, dtype, non_blocking=True)
+    return x.to(device, dtype)
+
+
 def _accelerator(precision: str, device: torch.device):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -74,6 +82,7 @@ class Job:
         self.validation_seconds = 0.0
         self.scoring = None  # (Scorer, Reference) once loaded; False when scores are off for this run
         self.ema = None  # ema.AdapterEMA with train.ema
+        self.compute_dtype = torch.float32  # of the training's maths: mixed precision's half type, or fp32
         self.meter = PhaseMeter(torch.device("cpu"))  # memory_meter: the run's device once it starts
         self.memory_warning = self.fit_warning = None
         self.flushed = None  # (time, step) of the last flush: the seconds per step since then
@@ -116,9 +125,14 @@ class Job:
         cfg, model = self.cfg, p.model
         parts = [self.example_inputs(p, n, (cfg.train.seed * 1_000_003 + m) * 4096 + pos, noise_sched)
                  for pos, n in batch]
-        latents = torch.stack([x[0] for x in parts]).to(device)
-        noise = torch.stack([x[1] for x in parts]).to(device)
-        t = torch.cat([x[2] for x in parts]).to(device)
+        latents = torch.stack([x[0] for x in parts])
+        noise = torch.stack([x[1] for x in parts])
+        t = torch.cat([x[2] for x in parts])
+        # noised on the CPU, where the draws are: a handful of GPU launches fewer; then one copy for both
+        noisy = noise_sched.add_noise(latents, noise, t)
+        target = noise_sched.get_velocity(latents, noise, t) if model.prediction_type == "v_prediction" else noise
+        noisy, target = to_device(torch.stack([noisy, target]), device).unbind(0)
+        t = to_device(t, device)
         captions = [x[3] for x in parts]
         if p.text is not None:
             embeds, pooled = p.text.batch(captions)
@@ -126,11 +140,12 @@ class Job:
             embeds, pooled = encode_text(model, captions, device)
         extra = None
         if model.is_xl:
-            extra = {"text_embeds": pooled.to(device), "time_ids": torch.stack([x[4] for x in parts]).to(device)}
-        noisy = noise_sched.add_noise(latents, noise, t)
-        target = noise_sched.get_velocity(latents, noise, t) if model.prediction_type == "v_prediction" else noise
+            extra = {"text_embeds": to_device(pooled, device),
+                     "time_ids": to_device(torch.stack([x[4] for x in parts]), device)}
+        # in the compute dtype once: autocast would cast them again for every cross-attention's k and v
+        embeds = to_device(embeds, device, self.compute_dtype)
         with acc.autocast():
-            pred = unet(noisy, t, embeds.to(device), added_cond_kwargs=extra).sample
+            pred = unet(noisy, t, embeds, added_cond_kwargs=extra).sample
         loss = compute_loss(pred, target, cfg.train.loss, cfg.train.huber_delta)
         if cfg.train.min_snr_gamma:
             loss = loss * min_snr_weights(noise_sched.alphas_cumprod, t, cfg.train.min_snr_gamma,
@@ -340,7 +355,7 @@ class Job:
             raise LoraLabError(f"train.offload=blocks and fp8 base weights need a CUDA GPU (or the CPU), not {device.type}.",
                                "Use train.offload=text_encoders and model.weight_dtype=auto, bf16 or fp16 on this device.")
         torch.manual_seed(cfg.train.seed)
-        weight_dtype = DTYPE[precision]  # frozen weights in the training precision, as kohya does
+        weight_dtype = self.compute_dtype = DTYPE[precision]  # frozen weights in the training precision, as kohya does
         self.emit("status", state="loading", message="Loading the model and dataset…")
         if self.main:  # this process's pid: a restarted app tells a live run from an interrupted one
             self.run.set_status("running", pid=os.getpid(), phase="Loading the model and dataset…", speed=None,

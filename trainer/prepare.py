@@ -193,6 +193,7 @@ def setup_adapters(cfg, model: BaseModel, device, weight_dtype, log=print):
         stored = [store_weights(m, storage, weight_dtype) for m in [model.unet, *tes]]
         log(f"base weights stored as {cfg.model.weight_dtype}, computed in {str(weight_dtype)[6:]}: "
             f"{sum(n for n, _ in stored)} layers, {sum(b for _, b in stored) / 1024**2:,.1f} MB saved")
+    fast_paths(cfg, model.unet, weight_dtype, log)
     offloader = place_unet(cfg, model.unet, device, log) if offload else None
     if storage and not offload:
         torch.nn.Module.to(model.unet, device)
@@ -206,6 +207,22 @@ def setup_adapters(cfg, model: BaseModel, device, weight_dtype, log=print):
     for te in tes:
         groups.append({"params": adapter_parameters(te), "lr": net.text_encoder_lr or lr})
     return groups, start, offloader
+
+
+def fast_paths(cfg, unet, weight_dtype, log=print) -> list[str]:
+    """train.fused_lora and train.fast_norms: the same training in fewer operators per step (issue 20)."""
+    from . import fast_norms, fused_lora
+
+    done, net, t = [], cfg.network, cfg.train
+    if t.fused_lora and net.algorithm == "lora" and not net.dropout:
+        plan = fused_lora.install(unet)
+        if plan:
+            done.append(f"fused LoRA attention ({len(plan.layers)} projections in {len(plan.groups)} groups)")
+    if t.fast_norms and weight_dtype == torch.bfloat16:
+        done.append(f"{fast_norms.install(unet)} norms in bf16")
+    if done:
+        log("fewer launches per step: " + ", ".join(done))
+    return done
 
 
 def place_unet(cfg, unet, device, log) -> BlockOffloader:

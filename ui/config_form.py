@@ -17,7 +17,8 @@ LABELS = {"name": "Run name", "model.base": "Base model", "dataset.caption_prefi
           "sample.every_n_steps": "Sample every N steps", "model.weight_dtype": "Store the base weights as",
           "train.checkpoint_depth": "Checkpoint depth", "train.offload": "Offload to CPU memory",
           "train.offload_blocks": "Blocks kept on the GPU (offload=blocks)", "train.ema": "EMA of the adapter weights",
-          "train.ema_decay": "EMA decay", "train.ema_every": "EMA every N steps", "train.ema_on_cpu": "EMA in CPU memory"}
+          "train.ema_decay": "EMA decay", "train.ema_every": "EMA every N steps", "train.ema_on_cpu": "EMA in CPU memory",
+          "train.fused_lora": "Fused LoRA attention (fewer GPU launches)", "train.fast_norms": "Norms in bf16 (fewer GPU launches)"}
 
 
 def _num(v) -> str:

@@ -54,7 +54,7 @@ def lora_unet(family: str, preset: str, device: str, dtype, peft_casts: bool = F
     from trainer.adapters import adapter_parameters, add_adapter, skip_input_casts
     from trainer.base_weights import store_weights
     from trainer.config import resolve
-    from trainer.prepare import cast, storage_dtype
+    from trainer.prepare import cast, fast_paths, storage_dtype
 
     cfg = resolve(preset, extra=over or {})
     unet = build_unet(family, device)
@@ -69,6 +69,7 @@ def lora_unet(family: str, preset: str, device: str, dtype, peft_casts: bool = F
     storage = storage_dtype(cfg, dtype)
     if storage:
         store_weights(unet, storage, dtype)
+    fast_paths(cfg, unet, dtype, log=lambda line: None)
     if wrap:
         engine_wrap(unet, cfg, device)
     unet.train()
