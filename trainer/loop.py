@@ -60,6 +60,13 @@ def to_device(x: torch.Tensor, device: torch.device, dtype=None) -> torch.Tensor
     return x.to(device, dtype)
 
 
+def clip_gradients(acc, params, max_norm: float) -> None:
+    """accelerate's clip_grad_norm_ (which unscales fp16 gradients first), with PyTorch's for-each kernels on
+    every device: its default uses them on CUDA only, and on the CPU clips tensor by tensor in Python."""
+    acc.unscale_gradients()
+    torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+
 def _accelerator(precision: str, device: torch.device):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -423,7 +430,7 @@ class Job:
                 acc.backward(loss / accum)
                 step_loss += loss.detach() / accum
             if cfg.train.max_grad_norm:
-                acc.clip_grad_norm_(p.params, cfg.train.max_grad_norm)
+                clip_gradients(acc, p.params, cfg.train.max_grad_norm)
             optimizer.step()
             p.scheduler.step()
             step += 1

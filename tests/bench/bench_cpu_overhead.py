@@ -63,7 +63,7 @@ def minimal_loop(data_dir: Path, steps: int, encode_every_step: bool) -> float:
     return steps / (time.perf_counter() - t0)
 
 
-def engine(data_dir: Path, ws: Path, steps: int) -> float:
+def engine(data_dir: Path, ws: Path, steps: int, fused: bool = True) -> float:
     from trainer.config import config_from_dict
     from trainer.loop import run_job
 
@@ -71,8 +71,10 @@ def engine(data_dir: Path, ws: Path, steps: int) -> float:
         "name": "bench", "model": {"base": "tiny-random"},
         "dataset": {"source": str(data_dir), "resolution": 64, "bucketing": False, "resize": "crop"},
         "network": {"rank": 4, "alpha": 4},
-        "train": {"steps": steps + 5, "learning_rate": 1e-3, "mixed_precision": "fp32", "device": "cpu"},
-        "save": {"every_n_steps": 0}})
+        "train": {"steps": steps + 5, "learning_rate": 1e-3, "mixed_precision": "fp32", "device": "cpu",
+                  "fused_lora": fused},
+        # the loop has no validation loss: measuring it (10 times a run by default) is not a step's cost
+        "validation": {"enabled": False}, "save": {"every_n_steps": 0}})
     run = run_job(cfg, ws)
     rows = run.metrics()[5:]  # the same warm-up as the loop
     return (len(rows) - 1) / (rows[-1]["time"] - rows[0]["time"])
@@ -88,9 +90,11 @@ def main():
 
     tmp = Path(tempfile.mkdtemp())
     data = make_demo_dataset(tmp / "data", count=8, size=512)  # photo-sized files, trained at 64 px
-    results = {"engine": [], "minimal peft loop": [], "loop, encoding every step": []}
-    for r in range(a.repeats):  # interleaved, so machine noise hits all three alike
+    results = {"engine": [], "engine, train.fused_lora off": [], "minimal peft loop": [],
+               "loop, encoding every step": []}
+    for r in range(a.repeats):  # interleaved, so machine noise hits all alike
         results["engine"].append(engine(data, tmp / f"ws{r}", a.steps))
+        results["engine, train.fused_lora off"].append(engine(data, tmp / f"wsp{r}", a.steps, fused=False))
         results["minimal peft loop"].append(minimal_loop(data, a.steps, False))
         results["loop, encoding every step"].append(minimal_loop(data, a.steps, True))
     best = {k: max(v) for k, v in results.items()}
