@@ -111,7 +111,7 @@ class TrainConfig:
     checkpoint_depth: str = opt("block", "How fine gradient checkpointing is: block (each ResNet and transformer "
                                 "block, as diffusers does) or layer (each attention and feed-forward on its own: a "
                                 "lower peak while one is recomputed, but the outputs of the norms between them are "
-                                "kept: +0.2 GB for SD 1.5 at 512 px, +2.1 GB for SDXL at 1024 px; block is leaner).",
+                                "kept: +0.1 GB for SD 1.5 at 512 px, +1.0 GB for SDXL at 1024 px; block is leaner).",
                                 choices=["block", "layer"])
     offload: str = opt("text_encoders", "What waits in CPU memory while training: none; text_encoders (after "
                        "caching their embeddings); blocks (also the UNet's blocks, each copied to the GPU just "

@@ -88,6 +88,7 @@ class _Weights(torch.autograd.Function):
             down = down * scale
         down, up = down.to(dtype), torch.cat([p.reshape(-1) for p in params[n:]]).to(dtype)
         ctx.plan, ctx.scale, ctx.shapes, ctx.downs = plan, scale, [p.shape for p in params], n
+        ctx.param_dtype = params[0].dtype  # fp32 under mixed precision: the gradients go back to it
         downs, ups, i, j = [], [], 0, 0
         for g in plan.groups:
             k = len(g.layers)
@@ -100,10 +101,10 @@ class _Weights(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         n, shapes, downs = len(ctx.plan.groups), ctx.shapes, ctx.downs
-        down = torch.cat([g.reshape(-1) for g in grads[:n]]).float()
+        down = torch.cat([g.reshape(-1) for g in grads[:n]]).to(ctx.param_dtype)
         if ctx.scale != 1:
             down = down.mul_(ctx.scale)
-        up = torch.cat([g.reshape(-1) for g in grads[n:]]).float()
+        up = torch.cat([g.reshape(-1) for g in grads[n:]]).to(ctx.param_dtype)
         sizes = [s.numel() for s in shapes]
         parts = [*torch.split(down, sizes[:downs]), *torch.split(up, sizes[downs:])]
         return (None, None, None, *(p.view(s) for p, s in zip(parts, shapes)))

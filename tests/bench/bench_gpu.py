@@ -91,16 +91,22 @@ def engine_wrap(unet, cfg, device):
     return None
 
 
+BEFORE_ISSUE_20 = {"train": {"fused_lora": False, "fast_norms": False}}  # peft's LoRA layers, autocast's norms
+
+
 def training_step(family: str, preset: str, res: int, batch: int, device: str, compile: bool = False,
-                  peft_casts: bool = False):
-    """One engine training step of a rank-16 LoRA on the UNet with the preset's settings, as a function."""
+                  peft_casts: bool = False, before: bool = False):
+    """One engine training step of a rank-16 LoRA on the UNet with the preset's settings, as a function
+    (`before`: as the engine stepped before issue 20's fewer launches)."""
     from trainer.adapters import adapter_parameters
     from trainer.optim import make_optimizer
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    unet, cfg = lora_unet(family, preset, device, dtype, peft_casts)
+    unet, cfg = lora_unet(family, preset, device, dtype, peft_casts, over=BEFORE_ISSUE_20 if before else None)
     opt = make_optimizer(cfg.train.optimizer, [{"params": adapter_parameters(unet)}], 1e-4, 0.0, torch.device(device))
     lat, t, emb, extra = step_inputs(unet, res, batch, 2 if family == "tiny" else 8, device)
+    if not before:  # the loop casts the text embeddings to the compute dtype once
+        emb = emb.to(dtype)
     model = torch.compile(unet) if compile else unet  # as the engine does with train.compile
 
     def step():

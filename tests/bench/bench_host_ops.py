@@ -15,7 +15,7 @@ counts the kernels themselves.
 import argparse
 from collections import Counter
 
-from bench_gpu import lora_unet, step_inputs
+from bench_gpu import BEFORE_ISSUE_20, lora_unet, step_inputs
 from bench_memory import cuda_autocast_norms, to_fake
 from common import report
 
@@ -30,7 +30,6 @@ VIEWS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice",
          "empty", "new_empty", "empty_strided"}  # no kernel on a GPU (views, and allocations)
 METADATA = {"device", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "dim", "is_contiguous",
             "_record_function_enter_new", "_record_function_exit"}  # no work at all (profiler marks)
-OLD = {"train": {"fused_lora": False, "fast_norms": False}}  # issue 20's baseline: peft's layers, autocast's norms
 
 
 class OpCounter(TorchDispatchMode):
@@ -74,7 +73,7 @@ def mark_adapter_parts(unet, counter: OpCounter) -> None:
 def count(preset: str, fast: bool) -> dict:
     family = FAMILY[preset]
     dev = torch.device("cpu")
-    unet, cfg = lora_unet(family, preset, "meta", torch.bfloat16, wrap=False, over=None if fast else OLD)
+    unet, cfg = lora_unet(family, preset, "meta", torch.bfloat16, wrap=False, over=None if fast else BEFORE_ISSUE_20)
     mode = FakeTensorMode()
     to_fake(unet, mode, dev)
     from bench_gpu import engine_wrap

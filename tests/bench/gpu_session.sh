@@ -37,6 +37,8 @@ for p in "$@"; do
         compile) part compile-tiny 90 $PY tests/bench/check_compile.py --device cuda --family tiny ;;
         profile) part profile-8gb 200 $PY tests/bench/profile_step.py --preset sd15-8gb --peft-casts --compile ;;
         profile-sdxl) part profile-sdxl 120 $PY tests/bench/profile_step.py --family sdxl --preset sdxl-12gb ;;
+        launches) part launches-sd15 200 $PY tests/bench/profile_step.py --preset sd15-8gb --before
+                  part launches-sdxl 240 $PY tests/bench/profile_step.py --family sdxl --preset sdxl-12gb --before ;;
         profile-casts) part profile-casts 90 $PY tests/bench/profile_step.py --preset sd15-8gb --peft-casts ;;
         compile-sd15) part compile-sd15 220 $PY tests/bench/check_compile.py --device cuda --family sd15 ;;
         encode) part encode 100 $PY tests/bench/bench_encode_cost.py --device cuda --steps 20 ;;

@@ -4,7 +4,9 @@
 Prints the time of one kernel launch on this machine, then for the engine's step (bench_gpu.py):
 steps/second, the host's time per step, the GPU's busy time per step and the kernels per step
 (torch.profiler); with --peft-casts the same with peft's input casts left on (the engine turns them
-off: trainer.adapters.skip_input_casts), and with --compile the step under torch.compile.
+off: trainer.adapters.skip_input_casts), with --before the same as the engine stepped before issue 20
+(train.fused_lora and train.fast_norms off, fp32 text embeddings), and with --compile the step under
+torch.compile.
 """
 import argparse
 import time
@@ -47,6 +49,7 @@ def main():
     ap.add_argument("--res", type=int, default=0)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--before", action="store_true", help="also the step as before issue 20's fewer launches")
     ap.add_argument("--peft-casts", action="store_true", help="also time the step with peft's input casts, "
                     "which the engine turns off")
     a = ap.parse_args()
@@ -68,6 +71,15 @@ def main():
         rows += [{"what": "with peft's input casts: steps/s", "value": f"{1 / pdt:.2f}"},
                  {"what": "with peft's input casts: kernels per step", "value": f"{pp['kernels_per_step']:.0f}"}]
         del pstep
+    if a.before:
+        del step
+        bstep = training_step(a.family, a.preset, res, a.batch, "cuda", before=True)
+        bdt = timed(bstep, 20, "cuda", warmup=3)
+        bp = profile(bstep)
+        rows += [{"what": "before issue 20: steps/s", "value": f"{1 / bdt:.2f}"},
+                 {"what": "before issue 20: GPU busy ms per step", "value": f"{bp['gpu_busy_ms_per_step']:.1f}"},
+                 {"what": "before issue 20: kernels per step", "value": f"{bp['kernels_per_step']:.0f}"}]
+        del bstep
     if a.compile:
         cstep = training_step(a.family, a.preset, res, a.batch, "cuda", compile=True)
         t0 = time.perf_counter()
