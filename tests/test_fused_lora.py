@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import copy
+import sys
 from collections import Counter
-from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +54,15 @@ def inputs(model, batch=2):
     return torch.randn(batch, 4, 16, 16, generator=g), torch.tensor([10, 500][:batch]), emb, extra
 
 
+def mixed_precision(model):
+    """As the engine sets up bf16 training: frozen weights bf16, LoRA weights fp32, peft's input casts off."""
+    model.unet.to(torch.bfloat16)
+    for p in adapter_parameters(model.unet):
+        p.data = p.data.float()
+    skip_input_casts(model.unet, "lora")
+    return model
+
+
 def run(model, x, t, emb, extra, autocast=False):
     model.unet.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -94,10 +104,7 @@ def test_fused_lora_under_bf16_autocast_is_as_close_to_fp32_as_peft():
     model = lora_model()
     x, t, emb, extra = inputs(model)
     truth_out, truth = run(model, x, t, emb, extra)
-    model.unet.to(torch.bfloat16)
-    for p in adapter_parameters(model.unet):
-        p.data = p.data.float()
-    skip_input_casts(model.unet, "lora")
+    mixed_precision(model)
     peft_path = copy.deepcopy(model)
     fused_lora.install(model.unet)
     out, grads = run(model, x, t, emb.bfloat16(), extra, autocast=True)
@@ -158,10 +165,7 @@ def test_what_the_fused_path_cannot_compute_stays_with_peft(net):
 
 def step_ops(model, fast: bool) -> int:
     """Operators of a training step (forward and backward) under bf16 autocast, as the engine runs on a GPU."""
-    model.unet.to(torch.bfloat16)
-    for p in adapter_parameters(model.unet):
-        p.data = p.data.float()
-    skip_input_casts(model.unet, "lora")
+    mixed_precision(model)
     if fast:
         fused_lora.install(model.unet)
         fast_norms.install(model.unet)
@@ -181,27 +185,12 @@ def test_a_training_step_launches_far_fewer_operators():
     assert after < 0.67 * before, (before, after)
 
 
-@contextmanager
 def cuda_norms():
-    """CUDA's autocast runs group_norm and layer_norm in fp32; the CPU's keeps them in bf16. Emulated here."""
-    F = torch.nn.functional
-    originals = {"group_norm": F.group_norm, "layer_norm": F.layer_norm}
+    """CUDA's autocast rule for the norms (fp32), which the CPU's autocast does not have: the memory bench's."""
+    sys.path.insert(0, str(Path(__file__).parent / "bench"))
+    from bench_memory import cuda_autocast_norms
 
-    def in_fp32(func):
-        def run(x, *args, **kwargs):
-            args = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
-            kwargs = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-            with torch.autocast("cpu", enabled=False):
-                return func(x.float(), *args, **kwargs)
-        return run
-
-    for name, func in originals.items():
-        setattr(F, name, in_fp32(func))
-    try:
-        yield
-    finally:
-        for name, func in originals.items():
-            setattr(F, name, func)
+    return cuda_autocast_norms()
 
 
 def test_bf16_norms_are_no_further_from_fp32_than_autocasts():
@@ -211,10 +200,7 @@ def test_bf16_norms_are_no_further_from_fp32_than_autocasts():
     model = lora_model()
     x, t, emb, extra = inputs(model)
     _, truth = run(model, x, t, emb, extra)
-    model.unet.to(torch.bfloat16)
-    for p in adapter_parameters(model.unet):
-        p.data = p.data.float()
-    skip_input_casts(model.unet, "lora")
+    mixed_precision(model)
     with cuda_norms():
         with Ops() as before:
             _, autocast = run(model, x, t, emb, extra, autocast=True)

@@ -63,23 +63,16 @@ def main():
              {"what": "eager ms per step", "value": f"{dt * 1e3:.1f}"},
              {"what": "GPU busy ms per step", "value": f"{p['gpu_busy_ms_per_step']:.1f}"},
              {"what": "kernels per step", "value": f"{p['kernels_per_step']:.0f}"}]
-    if a.peft_casts:
-        del step
-        pstep = training_step(a.family, a.preset, res, a.batch, "cuda", peft_casts=True)
-        pdt = timed(pstep, 20, "cuda", warmup=3)
-        pp = profile(pstep)
-        rows += [{"what": "with peft's input casts: steps/s", "value": f"{1 / pdt:.2f}"},
-                 {"what": "with peft's input casts: kernels per step", "value": f"{pp['kernels_per_step']:.0f}"}]
-        del pstep
-    if a.before:
-        del step
-        bstep = training_step(a.family, a.preset, res, a.batch, "cuda", before=True)
-        bdt = timed(bstep, 20, "cuda", warmup=3)
-        bp = profile(bstep)
-        rows += [{"what": "before issue 20: steps/s", "value": f"{1 / bdt:.2f}"},
-                 {"what": "before issue 20: GPU busy ms per step", "value": f"{bp['gpu_busy_ms_per_step']:.1f}"},
-                 {"what": "before issue 20: kernels per step", "value": f"{bp['kernels_per_step']:.0f}"}]
-        del bstep
+    for wanted, label, kw in ((a.peft_casts, "with peft's input casts", {"peft_casts": True}),
+                              (a.before, "before issue 20", {"before": True})):
+        if wanted:
+            del step
+            step = training_step(a.family, a.preset, res, a.batch, "cuda", **kw)
+            vp = profile(step)
+            rows += [{"what": f"{label}: steps/s", "value": f"{1 / timed(step, 20, 'cuda', warmup=3):.2f}"},
+                     {"what": f"{label}: GPU busy ms per step", "value": f"{vp['gpu_busy_ms_per_step']:.1f}"},
+                     {"what": f"{label}: kernels per step", "value": f"{vp['kernels_per_step']:.0f}"}]
+    del step
     if a.compile:
         cstep = training_step(a.family, a.preset, res, a.batch, "cuda", compile=True)
         t0 = time.perf_counter()
