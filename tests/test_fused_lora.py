@@ -145,6 +145,19 @@ def test_adapters_switched_off_fall_back_to_the_base_model():
     assert (off - ref).abs().max() < 1e-6 and (lora_out - ref).abs().max() > 1e-3
 
 
+def test_a_per_call_lora_scale_is_applied_as_by_peft():
+    """diffusers' cross_attention_kwargs={"scale": s} scales the LoRA for one call; the fused path follows it."""
+    model = lora_model()
+    peft_path = copy.deepcopy(model)
+    fused_lora.install(model.unet)
+    x, t, emb, _ = inputs(model)
+    with torch.no_grad():
+        for scale in (0.0, 0.5):
+            fused = model.unet(x, t, emb, cross_attention_kwargs={"scale": scale}).sample
+            ref = peft_path.unet(x, t, emb, cross_attention_kwargs={"scale": scale}).sample
+            assert (fused - ref).abs().max() < 1e-5 * ref.abs().max(), scale
+
+
 def plan_layers(unet):
     from trainer.adapters import adapter_layers
 
@@ -211,3 +224,20 @@ def test_bf16_norms_are_no_further_from_fp32_than_autocasts():
     assert after.ops["_to_copy"] <= before.ops["_to_copy"] - 2 * norms  # at least a cast in and out of each, saved
     error_autocast, error_fast = off_by(truth, autocast), off_by(truth, fast)
     assert error_fast < min(2 * error_autocast, 0.02), (error_fast, error_autocast)
+
+
+def test_gradient_clipping_works_on_devices_without_foreach_kernels():
+    """The engine clips with for-each kernels on the CPU and CUDA; elsewhere (mps; here the meta device, which
+    has none either) PyTorch's own choice, not an error at the first step."""
+    from accelerate import Accelerator
+
+    from trainer.loop import clip_gradients
+
+    acc = Accelerator(cpu=True)
+    cpu = [torch.nn.Parameter(torch.ones(4))]
+    cpu[0].grad = torch.full((4,), 2.0)
+    clip_gradients(acc, cpu, 1.0)
+    assert abs(cpu[0].grad.norm().item() - 1.0) < 1e-4
+    meta = [torch.nn.Parameter(torch.ones(4, device="meta"))]
+    meta[0].grad = torch.ones(4, device="meta")
+    clip_gradients(acc, meta, 1.0)

@@ -52,7 +52,8 @@ class Plan:
         # a checkpointed block recomputes its attention in backward, after the UNet's forward has returned
 
     def refresh(self, module, args):
-        """UNet forward pre-hook: this pass's weights, or None where peft's own path must run."""
+        """Pre-hook of the UNet's conv_in (once per UNet forward): this pass's weights, or None where peft's own
+        path must run."""
         scale = self.scale()
         if scale is None:
             self.weights = None
@@ -202,5 +203,7 @@ def install(unet) -> Plan | None:
     plan = Plan(groups)
     for attn, first, cross in processors:
         attn.set_processor(FusedLoRAProcessor(plan, first, cross, attn.processor))
-    unet.register_forward_pre_hook(plan.refresh)
+    # on conv_in, the UNet's first layer, not the UNet: inside diffusers' forward, after its per-call LoRA scale
+    # (cross_attention_kwargs={"scale": s}) is applied to the layers, and outside any checkpointed block
+    unet.conv_in.register_forward_pre_hook(plan.refresh)
     return plan

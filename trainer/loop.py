@@ -61,10 +61,12 @@ def to_device(x: torch.Tensor, device: torch.device, dtype=None) -> torch.Tensor
 
 
 def clip_gradients(acc, params, max_norm: float) -> None:
-    """accelerate's clip_grad_norm_ (which unscales fp16 gradients first), with PyTorch's for-each kernels on
-    every device: its default uses them on CUDA only, and on the CPU clips tensor by tensor in Python."""
+    """accelerate's clip_grad_norm_ (which unscales fp16 gradients first), with PyTorch's for-each kernels on the
+    CPU too: its default uses them on CUDA only, and on the CPU clips tensor by tensor in Python. Elsewhere (mps)
+    PyTorch decides: foreach=True raises there."""
     acc.unscale_gradients()
-    torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    foreach = True if params and params[0].device.type in ("cuda", "cpu") else None
+    torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach)
 
 
 def _accelerator(precision: str, device: torch.device):
