@@ -87,6 +87,27 @@ def test_fused_lora_computes_what_peft_computes(kind):
     assert worst(ref_grads, grads) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["tiny-demo", "tiny-random-xl"])
+def test_feed_forward_and_projection_layers_are_fused_too(kind):
+    """With `targets: attention_ff` (and `all`) the other LoRA linear layers take the fused weights as well
+    (an addmm each); the LoRA convolutions of `all` stay peft's. Same outputs and gradients as peft."""
+    for targets in ("attention_ff", "all"):
+        model = lora_model(kind, targets=targets)
+        peft_path = copy.deepcopy(model)
+        plan = fused_lora.install(model.unet)
+        attentions = sum(type(m).__name__ == "Attention" for m in model.unet.modules())
+        linears = [n for n, m in model.unet.named_modules() if isinstance(m, fused_lora.FusedLinear)]
+        assert any(n.endswith("ff.net.2") for n in linears) and any(n.endswith("ff.net.0.proj") for n in linears)
+        assert len(plan.layers) == 4 * attentions + len(linears)
+        x, t, emb, extra = inputs(model)
+        out, grads = run(model, x, t, emb, extra)
+        ref_out, ref_grads = run(peft_path, x, t, emb, extra)
+        assert (out - ref_out).abs().max() < 1e-5 * ref_out.abs().max(), targets
+        # `all` adds LoRA to every convolution: longer chains of fp32 sums in another order, so a little more
+        # rounding in the smallest gradients (3e-5 of a tensor's largest at worst)
+        assert off_by(ref_grads, grads) < 1e-5 and worst(ref_grads, grads) < 1e-4, targets
+
+
 def test_fused_lora_under_bf16_autocast_is_as_close_to_fp32_as_peft():
     """Under mixed precision the weights are fp32 and the maths bf16 on both paths (the engine skips peft's
     input casts); they round at slightly different places (the scaling before rounding, one addmm instead of a

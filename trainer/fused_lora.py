@@ -9,16 +9,19 @@ in every one of SD 1.5's 128 and SDXL's 560 attention projections. Here, for the
 - the projections that read the same input (q, k and v of self-attention; k and v of cross-attention) share
   one down-projection matmul (their A matrices stacked) and one batched up-projection (`bmm`);
 - the scaling (alpha / rank) is folded into the down weights, and a single projection adds its LoRA part to
-  the base output in the matmul itself (`addmm`).
+  the base output in the matmul itself (`addmm`) — in attention, and in every other LoRA linear layer of the
+  UNet (feed-forward and the transformers' in/out projections: `network.targets: attention_ff` and `all`).
 peft stays the owner of the adapter (its parameters, state dict, export and every other algorithm); only the
-training-time computation of plain LoRA (no DoRA, no dropout) in diffusers' attention changes, through an
-attention processor, diffusers' own extension point. The numbers are those of peft's path up to the order of
+training-time computation of plain LoRA (no DoRA, no dropout) changes: in diffusers' attention through an
+attention processor, diffusers' own extension point, and in the other linear layers through `FusedLinear`, a
+subclass of peft's layer (LoRA convolutions keep peft's). The numbers are those of peft's path up to the order of
 floating-point sums (tests/test_fused_lora.py: outputs and gradients to 1e-5 in fp32).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import Linear as LoraLinear
 
 from .adapters import ADAPTER
 
@@ -169,9 +172,19 @@ class FusedLoRAProcessor:
         return hidden_states
 
 
-def _plain_lora(layer) -> bool:
-    from peft.tuners.lora import Linear as LoraLinear
+class FusedLinear(LoraLinear):
+    """peft's LoRA linear layer, computing its LoRA part from the plan's weights (`fused_at`: plan, group)
+    and adding it in the matmul; peft's own forward where the plan has no weights for this pass."""
 
+    def forward(self, x, *args, **kwargs):
+        plan, index = self.fused_at
+        w = plan.weights
+        if w is None or args or kwargs:
+            return super().forward(x, *args, **kwargs)
+        return project(plan.groups[index], index, w, x)[0]
+
+
+def _plain_lora(layer) -> bool:
     return (isinstance(layer, LoraLinear) and ADAPTER in layer.lora_A and not layer.use_dora.get(ADAPTER)
             and isinstance(layer.lora_dropout[ADAPTER], torch.nn.Identity) and not layer.lora_bias.get(ADAPTER))
 
@@ -198,11 +211,17 @@ def install(unet) -> Plan | None:
             groups.append(Group([attn.to_q, attn.to_k, attn.to_v]))
         groups.append(Group([attn.to_out[0]]))
         processors.append((attn, first, attn.is_cross_attention))
+    in_attention = {id(l) for g in groups for l in g.layers}
+    singles = [m for m in unet.modules() if _plain_lora(m) and id(m) not in in_attention]  # feed-forward, proj_in/out
+    groups += [Group([m]) for m in singles]
     if not groups or not all(g.uniform() for g in groups):
         return None
     plan = Plan(groups)
     for attn, first, cross in processors:
         attn.set_processor(FusedLoRAProcessor(plan, first, cross, attn.processor))
+    for index, layer in enumerate(singles, start=len(groups) - len(singles)):
+        layer.__class__ = FusedLinear  # as base_weights.py swaps a layer's class: state dicts and peft stay as they were
+        layer.fused_at = (plan, index)
     # on conv_in, the UNet's first layer, not the UNet: inside diffusers' forward, after its per-call LoRA scale
     # (cross_attention_kwargs={"scale": s}) is applied to the layers, and outside any checkpointed block
     unet.conv_in.register_forward_pre_hook(plan.refresh)

@@ -217,7 +217,7 @@ def fast_paths(cfg, unet, weight_dtype, log=print) -> list[str]:
     if t.fused_lora and net.algorithm == "lora" and not net.dropout:
         plan = fused_lora.install(unet)
         if plan:
-            done.append(f"fused LoRA attention ({len(plan.layers)} projections in {len(plan.groups)} groups)")
+            done.append(f"fused LoRA ({len(plan.layers)} layers in {len(plan.groups)} groups)")
     if t.fast_norms and weight_dtype == torch.bfloat16:
         done.append(f"{fast_norms.install(unet)} norms in bf16")
     if done:

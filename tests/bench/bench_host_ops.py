@@ -70,10 +70,11 @@ def mark_adapter_parts(unet, counter: OpCounter) -> None:
         base.register_forward_hook(base_leave)
 
 
-def count(preset: str, fast: bool) -> dict:
+def count(preset: str, fast: bool, targets: str = "") -> dict:
     family = FAMILY[preset]
     dev = torch.device("cpu")
-    unet, cfg = lora_unet(family, preset, "meta", torch.bfloat16, wrap=False, over=None if fast else BEFORE_ISSUE_20)
+    over = {**({} if fast else BEFORE_ISSUE_20), **({"network": {"targets": targets}} if targets else {})}
+    unet, cfg = lora_unet(family, preset, "meta", torch.bfloat16, wrap=False, over=over)
     mode = FakeTensorMode()
     to_fake(unet, mode, dev)
     from bench_gpu import engine_wrap
@@ -105,7 +106,7 @@ def count(preset: str, fast: bool) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
     total, kernels = sum(counter.ops.values()), counter.launching
-    return {"preset": preset, "family": family, "fused LoRA, bf16 norms": "yes" if fast else "no (before)",
+    return {"preset": preset, "targets": cfg.network.targets, "family": family, "fused LoRA, bf16 norms": "yes" if fast else "no (before)",
             "operators": total, "without views": kernels,
             "forward": phases["forward"], "backward": phases["backward"],
             "optimizer": kernels - phases["forward"] - phases["backward"],
@@ -116,14 +117,15 @@ def count(preset: str, fast: bool) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", default="sd15-8gb,sdxl-12gb")
+    ap.add_argument("--targets", default="", help="network.targets instead of the presets' (attention)")
     a = ap.parse_args()
     rows = []
     for preset in a.presets.split(","):
         for fast in (False, True):
-            r = count(preset, fast)
+            r = count(preset, fast, a.targets)
             rows.append({k: (f"{v:,}" if isinstance(v, int) else v) for k, v in r.items() if k != "top"})
             print(r["top"], flush=True)
-    report("host_ops", rows, {"method": "aten operators dispatched in a second training step (forward, backward, "
+    report("host_ops" + (f"_{a.targets}" if a.targets else ""), rows, {"method": "aten operators dispatched in a second training step (forward, backward, "
                                         "fused AdamW step as the engine runs it on a GPU) under FakeTensorMode and "
                                         "CPU bf16 autocast with CUDA's fp32 norms; views and allocations need no "
                                         "kernel on a GPU; metadata queries (device, sizes) not counted"})
