@@ -106,7 +106,8 @@ def count(preset: str, fast: bool, targets: str = "") -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
     total, kernels = sum(counter.ops.values()), counter.launching
-    return {"preset": preset, "targets": cfg.network.targets, "family": family, "fused LoRA, bf16 norms": "yes" if fast else "no (before)",
+    return {"preset": preset, "targets": cfg.network.targets, "family": family,
+            "fused LoRA, bf16 norms": "yes" if fast else "no (before)",
             "operators": total, "without views": kernels,
             "forward": phases["forward"], "backward": phases["backward"],
             "optimizer": kernels - phases["forward"] - phases["backward"],
@@ -125,10 +126,10 @@ def main():
             r = count(preset, fast, a.targets)
             rows.append({k: (f"{v:,}" if isinstance(v, int) else v) for k, v in r.items() if k != "top"})
             print(r["top"], flush=True)
-    report("host_ops" + (f"_{a.targets}" if a.targets else ""), rows, {"method": "aten operators dispatched in a second training step (forward, backward, "
-                                        "fused AdamW step as the engine runs it on a GPU) under FakeTensorMode and "
-                                        "CPU bf16 autocast with CUDA's fp32 norms; views and allocations need no "
-                                        "kernel on a GPU; metadata queries (device, sizes) not counted"})
+    method = ("aten operators dispatched in a second training step (forward, backward, fused AdamW step as the "
+              "engine runs it on a GPU) under FakeTensorMode and CPU bf16 autocast with CUDA's fp32 norms; views and "
+              "allocations need no kernel on a GPU; metadata queries (device, sizes) not counted")
+    report("host_ops" + (f"_{a.targets}" if a.targets else ""), rows, {"method": method})
 
 
 if __name__ == "__main__":
