@@ -20,7 +20,8 @@ attention (`network.targets: attention` in LoRA Lab) and encodes images and capt
 does; sd-scripts trains its default layers (`attention_ff`) with `--cache_latents` and `--sdpa`, as a
 sd-scripts user would. Models: `tiny-demo` (LoRA Lab's demo model; sd-scripts is skipped there, as it
 builds SD 1.5's fixed architecture) and `sd15` (a full-size SD 1.5 with random weights, random_model.py,
-its VAE settled as a trained one's: settled_vae).
+its VAE settled as a trained one's: settled_vae; sd-scripts gets its text encoder in transformers 4's
+layout: for_transformers4).
 
 The peers are not LoRA Lab's dependencies and CI does not run this. Their Pythons need the packages
 each pins (sd-scripts: transformers 4.54, diffusers 0.32, accelerate 1.6); torch may come from ours.
@@ -119,6 +120,30 @@ def settled_vae(model: Path, out: Path) -> Path:
     return out
 
 
+def for_transformers4(model: Path, out: Path) -> Path:
+    """The model folder as sd-scripts' pinned transformers 4 reads it. transformers 5 saves CLIPTextModel
+    without the `text_model.` prefix of its keys; transformers 4 does not find them and starts that text
+    encoder from new random weights (with only a warning), so sd-scripts would train against another
+    model's text conditioning. Here the keys get their prefix back; the rest is linked."""
+    from safetensors.torch import load_file, save_file
+
+    if (out / "model_index.json").exists():
+        return out
+    (out / "text_encoder").mkdir(parents=True, exist_ok=True)
+    src = model / "text_encoder"
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, out / "text_encoder" / f.name)
+        else:
+            tensors = load_file(f)
+            save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in tensors.items()},
+                      out / "text_encoder" / f.name, metadata={"format": "pt"})
+    for part in sorted(model.iterdir(), key=lambda p: p.name == "model_index.json"):  # the index last
+        if part.name != "text_encoder" and not (out / part.name).exists():
+            (out / part.name).symlink_to(part.resolve())
+    return out
+
+
 def clocked(py, cmd: list, cwd: Path, out: Path) -> list:
     times = out / "times.json"
     with open(out / "log.txt", "w") as log:
@@ -198,8 +223,9 @@ def main():
         if a.sd_scripts and name != "tiny-demo":
             tools["LoRA Lab (attention_ff)"] = lambda out, seed: engine(sys.executable, model, data, out, steps,
                                                                         seed, "attention_ff")
+            old_layout = for_transformers4(model, a.models_dir / f"{name}-transformers4")
             tools["sd-scripts train_network.py"] = lambda out, seed: sd_scripts(
-                a.sd_scripts_python, a.sd_scripts, model, data, out, steps, seed)
+                a.sd_scripts_python, a.sd_scripts, old_layout, data, out, steps, seed)
         speeds, files = {k: [] for k in tools}, {k: [] for k in tools}
         for r in range(a.repeats):
             for i, (tool, run) in enumerate(tools.items()):
