@@ -139,9 +139,11 @@ def test_checkpointed_blocks_recompute_with_the_fused_weights():
     assert worst(plain, checked) < 1e-6
 
 
-def test_adapters_switched_off_fall_back_to_the_base_model():
-    """peft's switches still work (the fused path steps aside): adapters disabled give the base model's output."""
-    model = lora_model()
+@pytest.mark.parametrize("targets", ["attention", "attention_ff"])
+def test_adapters_switched_off_fall_back_to_the_base_model(targets):
+    """peft's switches still work (the fused path steps aside, in attention and in the feed-forward layers):
+    adapters disabled give the base model's output."""
+    model = lora_model(targets=targets)
     base = copy.deepcopy(model.unet)
     fused_lora.install(model.unet)
     x, t, emb, extra = inputs(model)

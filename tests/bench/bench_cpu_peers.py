@@ -97,6 +97,14 @@ def sd_scripts(py, repo: Path, model, data, out: Path, steps: int, seed: int) ->
     return clocked(py, cmd, repo, out), out / "out" / "peer.safetensors"
 
 
+def link_the_rest(model: Path, out: Path) -> Path:
+    """Link each part of `model` that `out` has not got (its model_index.json last: a folder with it is whole)."""
+    for part in sorted(model.iterdir(), key=lambda p: p.name == "model_index.json"):
+        if not (out / part.name).exists():
+            (out / part.name).symlink_to(part.resolve())
+    return out
+
+
 def settled_vae(model: Path, out: Path) -> Path:
     """The random model with a VAE that encodes like a trained one. A random VAE's posterior std is about
     1 against a spread of about 0.2 in its means, so its latents are mostly the random draw, and tools
@@ -114,10 +122,7 @@ def settled_vae(model: Path, out: Path) -> Path:
         vae.quant_conv.weight[half:] = 0
         vae.quant_conv.bias[half:] = -20
     vae.save_pretrained(out / "vae")
-    for part in sorted(model.iterdir(), key=lambda p: p.name == "model_index.json"):  # the index last
-        if part.name != "vae" and not (out / part.name).exists():
-            (out / part.name).symlink_to(part.resolve())
-    return out
+    return link_the_rest(model, out)
 
 
 def for_transformers4(model: Path, out: Path) -> Path:
@@ -138,10 +143,7 @@ def for_transformers4(model: Path, out: Path) -> Path:
             tensors = load_file(f)
             save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in tensors.items()},
                       out / "text_encoder" / f.name, metadata={"format": "pt"})
-    for part in sorted(model.iterdir(), key=lambda p: p.name == "model_index.json"):  # the index last
-        if part.name != "text_encoder" and not (out / part.name).exists():
-            (out / part.name).symlink_to(part.resolve())
-    return out
+    return link_the_rest(model, out)
 
 
 def clocked(py, cmd: list, cwd: Path, out: Path) -> list:
