@@ -45,12 +45,15 @@ def _oft_block(model, names, rank) -> int:
     return 1
 
 
-def peft_config(algorithm: str, rank: int, alpha: float, dropout: float, names: list[str], model):
+def peft_config(algorithm: str, rank: int, alpha: float, dropout: float, names: list[str], model,
+                init_weights: str = "gaussian"):
     from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
 
     if algorithm in ("lora", "dora"):
+        # peft's True is kaiming-uniform with a=sqrt(5) on the down (A) half, as sd-scripts' LoRAModule does.
         return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
-                          init_lora_weights="gaussian", use_dora=algorithm == "dora")
+                          init_lora_weights="gaussian" if init_weights == "gaussian" else True,
+                          use_dora=algorithm == "dora")
     if algorithm == "loha":
         return LoHaConfig(r=rank, alpha=alpha, module_dropout=dropout, target_modules=names)
     if algorithm == "lokr":
@@ -69,7 +72,8 @@ def add_adapter(model: torch.nn.Module, net, text_encoder: bool = False) -> list
     if not names:
         raise LoraLabError(f"No layers match network.targets={net.targets!r} in this model.",
                            "Use attention, attention_ff or all.")
-    inject_adapter_in_model(peft_config(net.algorithm, net.rank, net.alpha, net.dropout, names, model), model,
+    inject_adapter_in_model(peft_config(net.algorithm, net.rank, net.alpha, net.dropout, names, model,
+                                        net.init_weights), model,
                             adapter_name=ADAPTER)
     if net.algorithm == "oft":
         exact_oft_convs(model)
