@@ -31,7 +31,7 @@ def decide(cfg, device, offloaded: bool) -> tuple[bool, str]:
                    "steps; train.compile=on compiles anyway)")
 
 
-def compiled(unet, workspace: Path, shapes: int, backend: str = "inductor"):
+def compiled(unet, workspace: Path, shapes: int, backend: str = "inductor", mode: str | None = None):
     """The UNet compiled with one static graph per input shape (the buckets), PyTorch's compile cache kept in
     the workspace (a second run with the same model and sizes starts from it). Samples and the validation loss
     use the uncompiled module (the loop unwraps it): their shapes would each cost a compile of their own."""
@@ -42,4 +42,4 @@ def compiled(unet, workspace: Path, shapes: int, backend: str = "inductor"):
     for name in ("recompile_limit", "cache_size_limit"):  # renamed in newer torch; room for every bucket
         if hasattr(limits, name):
             setattr(limits, name, max(getattr(limits, name), shapes + 2))
-    return torch.compile(unet, dynamic=False, backend=backend)
+    return torch.compile(unet, dynamic=False, backend=backend, mode=mode)

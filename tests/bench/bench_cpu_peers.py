@@ -1,7 +1,7 @@
 """Issue 20: LoRA Lab against the real peers on the CPU — diffusers' train_text_to_image_lora.py and
 kohya sd-scripts' train_network.py, unchanged, on the same model, images, LoRA and optimizer.
 
-    .venv/bin/python tests/bench/bench_cpu_peers.py --diffusers ~/src/diffusers --sd-scripts ~/src/sd-scripts \
+    .venv/bin/python tests/bench/bench_cpu_peers.py [--diffusers ~/src/diffusers] [--sd-scripts ~/src/sd-scripts] \
         [--diffusers-python PY] [--sd-scripts-python PY] [--models tiny-demo,sd15] [--steps 60] [--tiny-steps 300]
         [--repeats 3]
 
@@ -18,8 +18,10 @@ rank 4 and alpha 4, AdamW at lr 1e-3 and weight decay 0.01, constant schedule, g
 fp32, no sampling, no validation, one save at the end. diffusers' script trains LoRA on the UNet's
 attention (`network.targets: attention` in LoRA Lab) and encodes images and captions every step, as it
 does; sd-scripts trains its default layers (`attention_ff`) with `--cache_latents` and `--sdpa`, as a
-sd-scripts user would. Models: `tiny-demo` (LoRA Lab's demo model; sd-scripts is skipped there, as it
-builds SD 1.5's fixed architecture) and `sd15` (a full-size SD 1.5 with random weights, random_model.py,
+sd-scripts user would, against LoRA Lab's `attention_ff` twice: as it starts a LoRA by default
+(`network.init_weights: gaussian`, as diffusers' script does) and as sd-scripts starts one (`kaiming`).
+Models: `tiny-demo` (LoRA Lab's demo model; sd-scripts is skipped there, as it builds SD 1.5's fixed
+architecture) and `sd15` (a full-size SD 1.5 with random weights, random_model.py,
 its VAE settled as a trained one's: settled_vae; sd-scripts gets its text encoder in transformers 4's
 layout: for_transformers4).
 
@@ -57,10 +59,11 @@ def make_data(root: Path) -> dict:
     return {"flat": flat, "kohya": kohya.parent}
 
 
-def engine(py, model, data, out: Path, steps: int, seed: int, targets: str) -> tuple[list, Path]:
+def engine(py, model, data, out: Path, steps: int, seed: int, targets: str, init: str = "gaussian"
+           ) -> tuple[list, Path]:
     cfg = {"name": "peer", "model": {"base": str(model)},
            "dataset": {"source": str(data["flat"]), "resolution": RES, "bucketing": False, "resize": "crop"},
-           "network": {"rank": RANK, "alpha": RANK, "targets": targets},
+           "network": {"rank": RANK, "alpha": RANK, "targets": targets, "init_weights": init},
            "train": {"steps": steps, "learning_rate": LR, "lr_scheduler": "constant", "mixed_precision": "fp32",
                      "device": "cpu", "seed": seed},
            "validation": {"enabled": False}, "save": {"every_n_steps": 0}, "sample": {"every_n_steps": 0}}
@@ -198,7 +201,7 @@ def fixed_losses(model_path, data, files: dict, timesteps: int = 8) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--diffusers", type=Path, required=True, help="a checkout of huggingface/diffusers")
+    ap.add_argument("--diffusers", type=Path, help="a checkout of huggingface/diffusers")
     ap.add_argument("--sd-scripts", type=Path, help="a checkout of kohya-ss/sd-scripts")
     ap.add_argument("--diffusers-python", default=sys.executable)
     ap.add_argument("--sd-scripts-python", default=sys.executable)
@@ -209,6 +212,8 @@ def main():
                     "of steps would measure this VM's bursts of noise more than the tools)")
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
+    if not (a.diffusers or a.sd_scripts):
+        ap.error("name a peer to run against: --diffusers, --sd-scripts or both")
     from random_model import make_random_model
 
     tmp = Path(tempfile.mkdtemp(prefix="peers-"))
@@ -218,13 +223,17 @@ def main():
         steps = a.tiny_steps if name == "tiny-demo" else a.steps
         model = ROOT / "trainer" / "models" / "tiny-demo" if name == "tiny-demo" else settled_vae(
             make_random_model(name, a.models_dir / name), a.models_dir / f"{name}-settled-vae")
-        tools = {"LoRA Lab (attention)": lambda out, seed: engine(sys.executable, model, data, out, steps, seed,
-                                                                  "attention"),
-                 "diffusers train_text_to_image_lora.py": lambda out, seed: diffusers_script(
-                     a.diffusers_python, a.diffusers, model, data, out, steps, seed)}
+        tools = {}
+        if a.diffusers:
+            tools["LoRA Lab (attention)"] = lambda out, seed: engine(sys.executable, model, data, out, steps, seed,
+                                                                     "attention")
+            tools["diffusers train_text_to_image_lora.py"] = lambda out, seed: diffusers_script(
+                a.diffusers_python, a.diffusers, model, data, out, steps, seed)
         if a.sd_scripts and name != "tiny-demo":
             tools["LoRA Lab (attention_ff)"] = lambda out, seed: engine(sys.executable, model, data, out, steps,
                                                                         seed, "attention_ff")
+            tools["LoRA Lab (attention_ff, init kaiming)"] = lambda out, seed: engine(
+                sys.executable, model, data, out, steps, seed, "attention_ff", "kaiming")
             old_layout = for_transformers4(model, a.models_dir / f"{name}-transformers4")
             tools["sd-scripts train_network.py"] = lambda out, seed: sd_scripts(
                 a.sd_scripts_python, a.sd_scripts, old_layout, data, out, steps, seed)
@@ -243,7 +252,8 @@ def main():
                          "range": f"{min(v):.2f}–{max(v):.2f}",
                          "final loss (fixed noise), median": f"{statistics.median(loss):.4f}",
                          "range ": f"{min(loss):.4f}–{max(loss):.4f}", "base model's": f"{losses['base model'][0]:.4f}"})
-    report("cpu_peers_" + a.models.replace(",", "_"), rows, {"repeats": a.repeats, "warmup_steps": WARMUP,
+    only = "" if a.diffusers and a.sd_scripts else "_diffusers" if a.diffusers else "_sd-scripts"
+    report("cpu_peers_" + a.models.replace(",", "_") + only, rows, {"repeats": a.repeats, "warmup_steps": WARMUP,
                                "setup": f"{RES} px demo images (8), batch 1, rank {RANK}, AdamW lr {LR}, fp32",
                                "diffusers": git_head(a.diffusers), "sd_scripts": git_head(a.sd_scripts), "runs": runs})
 

@@ -3,7 +3,7 @@
 # wheels in .whl/ (diffusers, peft, bitsandbytes, ...) are installed to /tmp/site first.
 #   bash tests/bench/gpu_session.sh PART...     (OUT=folder to pack the results there)
 # PART: engine-sd15, engine-sd15-b1, engine-sdxl, steps, compile, compile-sd15, profile, profile-sdxl,
-#       profile-casts, encode, small-cards, small-cards-sd15; tests/bench/results/gpu/NOTES.md says what each found.
+#       profile-casts, encode, small-cards, small-cards-sd15, graphs-sd15; tests/bench/results/gpu/NOTES.md says what each found.
 # Each part's log and JSON go to tests/bench/results/, packed after each part into $OUT/results.tgz
 # (when OUT is set); a part stopped by its time limit does not stop the next.
 set -u
@@ -41,6 +41,9 @@ for p in "$@"; do
                   part launches-sdxl 240 $PY tests/bench/profile_step.py --family sdxl --preset sdxl-12gb --before ;;
         profile-casts) part profile-casts 90 $PY tests/bench/profile_step.py --preset sd15-8gb --peft-casts ;;
         compile-sd15) part compile-sd15 220 $PY tests/bench/check_compile.py --device cuda --family sd15 ;;
+        # issue 20: CUDA graphs (torch.compile mode reduce-overhead): gradients over 3 steps, steps/s against eager
+        graphs-sd15) part graphs-sd15 240 $PY tests/bench/check_compile.py --device cuda --family sd15 \
+                         --mode reduce-overhead ;;
         encode) part encode 100 $PY tests/bench/bench_encode_cost.py --device cuda --steps 20 ;;
         # issue 19: peak allocated/reserved per phase and steps/s of the small-card presets against sdxl-12gb
         small-cards) part small-cards 420 $PY tests/bench/bench_engine_gpu.py --steps 60 --reference none \
