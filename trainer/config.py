@@ -80,16 +80,14 @@ class NetworkConfig:
     rank: int = opt(16, "Adapter rank (dim): capacity and file size. 4-32 is usual.", lo=1, hi=1024)
     alpha: float = opt(16.0, "Scales the adapter by alpha/rank; lower is gentler.", lo=0.0, hi=4096.0)
     dropout: float = opt(0.0, "Dropout inside the adapter.", lo=0.0, hi=0.9)
-    init_weights: str = opt("gaussian", "How a new LoRA or DoRA starts (its up half starts at zero either way): "
-                            "gaussian, its down half drawn with std 1/rank as diffusers' scripts do; kaiming, "
-                            "drawn kaiming-uniform as kohya sd-scripts and peft do. kaiming's start is smaller "
-                            "(std 1/sqrt(3 × the layer's inputs)), so the same learning rate moves the LoRA less: "
-                            "pick it to reuse a learning rate from sd-scripts.", choices=["gaussian", "kaiming"])
     targets: str = opt("attention", "Which layers get an adapter.",
                        choices=["attention", "attention_ff", "all"])
     train_text_encoder: bool = opt(False, "Also train the text encoder(s).")
     text_encoder_lr: float = opt(0.0, "Text encoder learning rate; 0 uses the main one.", lo=0.0, hi=1.0)
     init_from: str = opt("", "Continue from this LoRA file: its weights load and its step count carries on.")
+    init_weights: str = opt("gaussian", "How a new LoRA or DoRA starts: gaussian as diffusers' scripts, or kaiming as "
+                            "kohya sd-scripts (smaller: the same learning rate trains it more slowly; use it with "
+                            "learning rates from sd-scripts).", choices=["gaussian", "kaiming"])
 
 
 @dataclass
