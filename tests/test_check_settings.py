@@ -62,3 +62,13 @@ def test_check_settings_gives_the_file_size_and_says_what_oft_costs(demo_dir):
     assert not any("OFT" in w for w in lora["warnings"])
     (said,) = [w for w in oft["warnings"] if "OFT" in w]
     assert f"{oft['file_mb']:,.0f} MB" in said and f"{lora['file_mb']:,.0f} MB for a LoRA of rank 16" in said
+
+
+def test_an_adapter_start_that_the_algorithm_does_not_use_is_warned_about(demo_dir):
+    said = {algorithm: [w for w in plan(tiny_config(demo_dir, **{"network.algorithm": algorithm,
+                                                                 "network.init_weights": "kaiming"}), None)["warnings"]
+                        if "init_weights" in w] for algorithm in ("lora", "dora", "loha", "lokr", "oft")}
+    assert said["lora"] == said["dora"] == []
+    for algorithm in ("loha", "lokr", "oft"):
+        (line,) = said[algorithm]
+        assert f"network.algorithm={algorithm}" in line and "not used" in line

@@ -56,6 +56,14 @@ def file_mb(cfg, family: str, algorithm: str | None = None) -> float | None:
     return round(weights * (4 if cfg.save.precision == "fp32" else 2) / 1e6, 1)
 
 
+def init_warnings(cfg) -> list[str]:
+    n = cfg.network
+    if n.init_weights == "gaussian" or n.algorithm in ("lora", "dora"):
+        return []
+    return [f"network.init_weights={n.init_weights} is not used with network.algorithm={n.algorithm}: it sets how "
+            "a LoRA or DoRA starts; LoHa, LoKr and OFT start their own way (as LyCORIS does)."]
+
+
 def oft_warnings(cfg, family: str) -> list[str]:
     if cfg.network.algorithm != "oft":
         return []
@@ -181,6 +189,7 @@ def plan(cfg, dataset_summary: dict | None, on_cpu: bool | None = None, card: fl
     sp = sampling_plan(cfg, family, on_cpu)
     warnings += sampling_warnings(sp)
     warnings += oft_warnings(cfg, family)
+    warnings += init_warnings(cfg)
     warnings += option_warnings(cfg, on_cpu)
     card = card if card is not None else (None if on_cpu else card_gb(cfg.train.device))
     fit = fit_warning(cfg, family, card) if card else None
