@@ -61,7 +61,7 @@ def init_warnings(cfg) -> list[str]:
     if n.init_weights == "gaussian" or n.algorithm in ("lora", "dora"):
         return []
     return [f"network.init_weights={n.init_weights} is not used with network.algorithm={n.algorithm}: it sets how "
-            "a LoRA or DoRA starts; LoHa, LoKr and OFT start their own way (as LyCORIS does)."]
+            "a LoRA or DoRA starts; LoHa, LoKr and OFT start their own way."]
 
 
 def oft_warnings(cfg, family: str) -> list[str]:
