@@ -45,6 +45,16 @@ def browser():
         b.close()
 
 
+@pytest.fixture(autouse=True)
+def pages_closed(request):
+    """Each browser test closes the pages it opened: a page left open keeps its timers polling the
+    module's one server, which slows every later test on a 2-core machine (a CI run timed out so)."""
+    yield
+    if "browser" in request.fixturenames:
+        for context in list(request.getfixturevalue("browser").contexts):
+            context.close()
+
+
 def wait_for(fn, timeout=120, every=0.5, what="condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -84,7 +94,7 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     # Dataset: type a folder path and load it.
     page.fill("#dataset-source textarea, #dataset-source input", str(data))
     page.click("#dataset-load")
-    wait_for(lambda: "6 images" in page.inner_text("#dataset-counts"), 60, what="dataset counts")
+    wait_for(lambda: "6 images" in page.inner_text("#dataset-counts"), 120, what="dataset counts")
     assert page.locator("#dataset-gallery img").count() >= 6
     problems = page.inner_text("#dataset-problems")
     assert "004.png" in problems and "005.png" in problems and "000.png" not in problems, problems
@@ -94,46 +104,46 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     # hand, then add a tag at the end of all.
     page.get_by_role("tab", name="2 · Caption").click()
     box = page.locator("#caption-text textarea")
-    wait_for(lambda: "lablora" in box.input_value(), 30, what="first caption")
+    wait_for(lambda: "lablora" in box.input_value(), 120, what="first caption")
     assert "downloaded" in page.inner_text("#caption-available")  # says at once whether a captioner is here
     blip = make_tiny_blip(tmp_path / "blip")
     page.get_by_label("Or a downloaded model folder").fill(str(blip))
     page.get_by_label("Trigger word (put first)").fill("lablora")
     page.click("#caption-auto")
-    wait_for(lambda: "Done: 2 captions written" in page.inner_text("#caption-message"), 60,
+    wait_for(lambda: "Done: 2 captions written" in page.inner_text("#caption-message"), 120,
              what=lambda: f"auto captions, not {page.inner_text('#caption-message')!r}")
     assert page.locator("#caption-auto-log textarea").input_value().count("lablora") == 2
     assert (data / "005.txt").read_text().startswith("lablora")
     box.fill("lablora, a circle on a white background, hand edited")
     page.click("#caption-save")
-    wait_for(lambda: (data / "000.txt").read_text() == "lablora, a circle on a white background, hand edited", 30,
+    wait_for(lambda: (data / "000.txt").read_text() == "lablora, a circle on a white background, hand edited", 120,
              what="caption saved to its sidecar")
     page.get_by_label("Put last").fill("flat")
     page.click("#caption-apply")
-    wait_for(lambda: "Changed 6 of 6" in page.inner_text("#caption-message"), 30, what="bulk edit")
+    wait_for(lambda: "Changed 6 of 6" in page.inner_text("#caption-message"), 120, what="bulk edit")
     assert (data / "003.txt").read_text().endswith(", flat")
     page.screenshot(path=str(SHOTS / "caption.png"), full_page=True)
 
     # Train: the CPU demo preset (150 steps), samples and checkpoints every 25.
     page.get_by_role("tab", name="3 · Train").click()
     pick(page, "train-preset", "cpu-demo")
-    wait_for(lambda: page.locator("#cfg-train-steps input[type=number]").input_value() == "150", 20, what="preset")
+    wait_for(lambda: page.locator("#cfg-train-steps input[type=number]").input_value() == "150", 120, what="preset")
     set_number(page, "cfg-save-every-n-steps", 25)
     set_number(page, "cfg-sample-every-n-steps", 25)
     page.locator("#cfg-name textarea, #cfg-name input").first.fill("browser run")
     page.click("#train-start")
-    wait_for(lambda: "Started" in page.inner_text("#train-message"), 30, what="start")
+    wait_for(lambda: "Started" in page.inner_text("#train-message"), 120, what="start")
     wait_for(lambda: progress(page)[1] >= 10, 120,
              what=lambda: f"steps: {page.inner_text('#train-progress')!r} {page.inner_text('#train-message')!r}")
-    wait_for(lambda: page.locator("#loss-plot path").count() > 0, 30, what="loss points")
-    wait_for(lambda: page.locator("#train-samples img").count() >= 1, 60, what="a sample image")
-    wait_for(lambda: "step 25 · " in page.inner_text("#train-samples"), 60, what="samples labelled with their step")
+    wait_for(lambda: page.locator("#loss-plot path").count() > 0, 120, what="loss points")
+    wait_for(lambda: page.locator("#train-samples img").count() >= 1, 120, what="a sample image")
+    wait_for(lambda: "step 25 · " in page.inner_text("#train-samples"), 120, what="samples labelled with their step")
     page.click("#train-save-now")
-    wait_for(lambda: "Save now: checkpoint saved at step" in page.locator("#train-log textarea").input_value(), 60,
+    wait_for(lambda: "Save now: checkpoint saved at step" in page.locator("#train-log textarea").input_value(), 120,
              what="Save now in the log")
 
     page.click("#train-stop")
-    state, stopped_at = wait_for(lambda: progress(page) if progress(page)[0] == "stopped" else None, 60,
+    state, stopped_at = wait_for(lambda: progress(page) if progress(page)[0] == "stopped" else None, 120,
                                  what="stopped state")
     assert stopped_at < 150
     run = server.workspace / "runs" / "browser-run"
@@ -143,16 +153,16 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     page.click("#history-pick input")
     page.get_by_role("option", name="browser-run").click()
     page.click("#history-resume")
-    wait_for(lambda: "Resumed" in page.inner_text("#train-message"), 30,
+    wait_for(lambda: "Resumed" in page.inner_text("#train-message"), 120,
              what=lambda: f"resume (message {page.inner_text('#train-message')!r}, "
                           f"picked {page.locator('#history-pick input').input_value()!r})")
-    wait_for(lambda: progress(page)[0] == "running" and progress(page)[1] > stopped_at, 60, what="running again")
+    wait_for(lambda: progress(page)[0] == "running" and progress(page)[1] > stopped_at, 120, what="running again")
     page.reload()
     page.get_by_role("tab", name="3 · Train").click()
-    wait_for(lambda: progress(page)[0] in ("running", "completed") and progress(page)[1] > stopped_at, 30,
+    wait_for(lambda: progress(page)[0] in ("running", "completed") and progress(page)[1] > stopped_at, 120,
              what="re-attached progress")
-    wait_for(lambda: page.locator("#loss-plot path").count() > 0, 30, what="full loss history after refresh")
-    wait_for(lambda: page.locator("#cfg-train-steps input[type=number]").input_value() == "150", 20,
+    wait_for(lambda: page.locator("#loss-plot path").count() > 0, 120, what="full loss history after refresh")
+    wait_for(lambda: page.locator("#cfg-train-steps input[type=number]").input_value() == "150", 120,
              what="the running run's settings in the form after refresh")
     wait_for(lambda: progress(page)[0] == "completed", 180, what="completed run")
     page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
@@ -160,7 +170,7 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 151))
     # the validation loss before the start and at each checkpoint (every 25 steps); none extra for the resume
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 25, 50, 75, 100, 125, 150]
-    wait_for(lambda: "val. on train (best step" in (page.locator("#loss-plot").text_content() or ""), 30,
+    wait_for(lambda: "val. on train (best step" in (page.locator("#loss-plot").text_content() or ""), 120,
              what=lambda: f"the validation series in the loss plot's legend: {page.locator('#loss-plot').text_content()!r}")
 
     # Test: compare with the base model from the same seed, then export the zip.
@@ -168,7 +178,7 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     # left empty, Compare uses the run's own sample prompts.
     page.get_by_role("tab", name="4 · Test").click()
     lora_box = page.locator("#test-lora-0 input")
-    wait_for(lambda: "browser-run.safetensors (SD 1.x, step 150)" in lora_box.input_value(), 30,
+    wait_for(lambda: "browser-run.safetensors (SD 1.x, step 150)" in lora_box.input_value(), 120,
              what=lambda: f"the new LoRA in slot 1, not {lora_box.input_value()!r}")
     page.click("#test-compare")
     wait_for(lambda: "with LoRA · " in page.inner_text("#test-gallery"), 120, what="a comparison from the run's prompts")
@@ -176,9 +186,9 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     page.click("#test-compare")
     wait_for(lambda: "with LoRA · lablora, a cross on a black background" in page.inner_text("#test-gallery"), 120,
              what="comparison images")
-    wait_for(lambda: "6 images" in page.inner_text("#test-session"), 30, what="both comparisons kept for the export")
+    wait_for(lambda: "6 images" in page.inner_text("#test-session"), 120, what="both comparisons kept for the export")
     page.click("#test-export")
-    wait_for(lambda: "Exported" in page.inner_text("#test-message"), 60, what="export")
+    wait_for(lambda: "Exported" in page.inner_text("#test-message"), 120, what="export")
     page.screenshot(path=str(SHOTS / "test.png"), full_page=True)
     zips = list((server.workspace / "exports").glob("*.zip"))
     assert len(zips) == 1
@@ -204,7 +214,7 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     page.get_by_role("button", name="Strength sweep (LoRA 1)").click()
     wait_for(lambda: page.locator("#test-gallery img").count() == 5 and "strength 0.75" in page.inner_text(
         "#test-gallery"), 120, what="a sweep of five strengths")
-    wait_for(lambda: "strength" in page.inner_text("#test-message").lower(), 60, what="the sweep's recommendation")
+    wait_for(lambda: "strength" in page.inner_text("#test-message").lower(), 120, what="the sweep's recommendation")
     assert "likeness" in page.inner_text("#test-gallery") and "prompt" in page.inner_text("#test-gallery")
     page.get_by_role("button", name="Checkpoints × prompts (LoRA 1's run)").click()
     saved = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))

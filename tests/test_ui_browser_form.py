@@ -4,7 +4,8 @@ import pytest
 
 from app_server import AppServer
 from conftest import tiny_config
-from test_ui_browser import CHROMIUM, SHOTS, browser, pick, progress, set_number, wait_for  # noqa: F401 (browser: fixture)
+from test_ui_browser import (CHROMIUM, SHOTS, browser, pages_closed, pick, progress,  # noqa: F401 (fixtures)
+                             set_number, wait_for)
 from trainer.data.demo import make_demo_dataset
 from trainer.loop import run_job
 
@@ -24,10 +25,10 @@ def train_tab_with(browser, server, data):
     page.goto(server.url)
     page.fill("#dataset-source textarea, #dataset-source input", str(data))
     page.click("#dataset-load")
-    wait_for(lambda: "4 images" in page.inner_text("#dataset-counts"), 60, what="dataset counts")
+    wait_for(lambda: "4 images" in page.inner_text("#dataset-counts"), 120, what="dataset counts")
     page.get_by_role("tab", name="3 · Train").click()
     pick(page, "train-preset", "cpu-demo")
-    wait_for(lambda: "cpu-demo" in page.inner_text("#train-preset-info"), 20, what="preset")
+    wait_for(lambda: "cpu-demo" in page.inner_text("#train-preset-info"), 120, what="preset")
     return page
 
 
@@ -39,7 +40,7 @@ def test_form_problems_show_in_place_and_settings_can_be_kept_and_reused(server,
     # A number out of range: the message names the field and its range; the run table stays as it was.
     set_number(page, "cfg-train-steps", 0)
     page.click("#train-start")
-    wait_for(lambda: "train.steps: 0 is out of range" in page.inner_text("#train-message"), 30,
+    wait_for(lambda: "train.steps: 0 is out of range" in page.inner_text("#train-message"), 120,
              what=lambda: f"the field named, not {page.inner_text('#train-message')!r}")
     assert "1 to 10000000" in page.inner_text("#train-message")
     assert "Error" not in page.inner_text("#run-history") and "last-week" in page.inner_text("#run-history"), (
@@ -52,7 +53,7 @@ def test_form_problems_show_in_place_and_settings_can_be_kept_and_reused(server,
     set_number(page, "cfg-sample-every-n-steps", 100)
     page.fill("#cfg-sample-prompts textarea", "sks, a circle on a white background")
     page.get_by_role("button", name="Check settings").click()
-    wait_for(lambda: "lack the trigger word 'lablora'" in page.inner_text("#train-summary"), 30,
+    wait_for(lambda: "lack the trigger word 'lablora'" in page.inner_text("#train-summary"), 120,
              what="trigger word warning")
     summary = page.inner_text("#train-summary")
     assert "Checkpoints every 500 steps, but the run has 60" in summary
@@ -63,7 +64,7 @@ def test_form_problems_show_in_place_and_settings_can_be_kept_and_reused(server,
     page.get_by_text("Save these settings as a preset of your own").click()
     page.fill("#preset-name textarea, #preset-name input", "my quick")
     page.click("#preset-save")
-    wait_for(lambda: "Saved preset my quick" in page.inner_text("#train-preset-info"), 30, what="preset saved")
+    wait_for(lambda: "Saved preset my quick" in page.inner_text("#train-preset-info"), 120, what="preset saved")
     assert (server.workspace / "presets" / "my quick.yaml").exists()
     page.click("#train-preset input")
     assert page.get_by_role("option", name="my quick").count() == 1
@@ -73,7 +74,7 @@ def test_form_problems_show_in_place_and_settings_can_be_kept_and_reused(server,
     page.click("#history-pick input")
     page.get_by_role("option", name="last-week").click()
     page.click("#history-reuse")
-    wait_for(lambda: page.locator("#cfg-train-steps input[type=number]").input_value() == "3", 30,
+    wait_for(lambda: page.locator("#cfg-train-steps input[type=number]").input_value() == "3", 120,
              what="the past run's steps in the form")
     assert page.locator("#cfg-network-rank input[type=number]").input_value() == "8"
     assert "settings of last-week" in page.inner_text("#history-message")
@@ -96,22 +97,22 @@ def test_the_live_panel_stays_on_its_run_and_an_opened_run_follows_its_state(ser
     wait_for(lambda: shown() == "first" and progress(page)[0] == "running", 120, what="the first run running")
     page.fill("#cfg-name textarea, #cfg-name input", "second")
     page.click("#train-start")
-    wait_for(lambda: "Queued second" in page.inner_text("#train-message"), 60, what="the second run queued")
+    wait_for(lambda: "Queued second" in page.inner_text("#train-message"), 120, what="the second run queued")
     page.click("#history-pick input")
     page.get_by_role("option", name="first").click()
-    wait_for(lambda: "running" in page.inner_text("#history-message"), 30, what="the opened run running")
+    wait_for(lambda: "running" in page.inner_text("#history-message"), 120, what="the opened run running")
 
     page.click("#train-stop")  # the first run stops; the queued one starts
     wait_for(lambda: progress(page)[0] == "stopped", 120, what="the first run stopped")
-    wait_for(lambda: page.locator("#run-other").count() and "second" in page.inner_text("#run-other"), 60,
+    wait_for(lambda: page.locator("#run-other").count() and "second" in page.inner_text("#run-other"), 120,
              what="the panel saying that another run is going")
     assert shown() == "first"  # it stayed on the run it showed
-    wait_for(lambda: "stopped" in page.inner_text("#history-message"), 30,
+    wait_for(lambda: "stopped" in page.inner_text("#history-message"), 120,
              what=lambda: f"the opened run's new state, not {page.inner_text('#history-message')!r}")
     page.screenshot(path=str(SHOTS / "train-another-run.png"), full_page=True)
 
     page.click("#live-follow")
-    wait_for(lambda: shown() == "second" and progress(page)[0] == "running", 60, what="the panel following")
+    wait_for(lambda: shown() == "second" and progress(page)[0] == "running", 120, what="the panel following")
     assert not page.locator("#run-other").count()
     page.click("#train-stop")
     wait_for(lambda: progress(page)[0] == "stopped", 120, what="the second run stopped")
@@ -121,13 +122,13 @@ def test_a_small_card_preset_fills_the_memory_options_and_the_estimate_shows_eac
     data = make_demo_dataset(tmp_path / "small", count=4)
     page = train_tab_with(browser, server, data)
     pick(page, "train-preset", "sdxl-6gb")
-    wait_for(lambda: "sdxl-6gb" in page.inner_text("#train-preset-info"), 20, what="preset")
+    wait_for(lambda: "sdxl-6gb" in page.inner_text("#train-preset-info"), 120, what="preset")
     page.get_by_text("More model options").click()
     page.get_by_text("More train options").click()
-    wait_for(lambda: page.input_value("#cfg-model-weight-dtype input") == "fp8_e4m3fn", 20, what="fp8 base weights")
+    wait_for(lambda: page.input_value("#cfg-model-weight-dtype input") == "fp8_e4m3fn", 120, what="fp8 base weights")
     assert page.input_value("#cfg-train-offload input") == "text_encoders"
     page.get_by_role("button", name="Check settings").click()
-    wait_for(lambda: "GB by phase: caching" in page.inner_text("#train-summary"), 30, what="the estimate per phase")
+    wait_for(lambda: "GB by phase: caching" in page.inner_text("#train-summary"), 120, what="the estimate per phase")
     summary = page.inner_text("#train-summary")
     assert "loading" in summary and "training" in summary
     page.locator("#cfg-train-offload").scroll_into_view_if_needed()
