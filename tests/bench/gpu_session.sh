@@ -2,7 +2,7 @@
 # The GPU benchmarks in one command, for a machine that has PyTorch with CUDA but maybe not the rest:
 # wheels in .whl/ (diffusers, peft, bitsandbytes, ...) are installed to /tmp/site first.
 #   bash tests/bench/gpu_session.sh PART...     (OUT=folder to pack the results there)
-# PART: engine-sd15, engine-sd15-b1, engine-sdxl, steps, compile, compile-sd15, profile, profile-sdxl,
+# PART: headline-sd15, headline-sdxl, engine-sd15, engine-sd15-b1, engine-sdxl, steps, compile, compile-sd15, profile, profile-sdxl,
 #       profile-casts, encode, small-cards, small-cards-sd15, graphs-sd15; tests/bench/results/gpu/NOTES.md says what each found.
 # Each part's log and JSON go to tests/bench/results/, packed after each part into $OUT/results.tgz
 # (when OUT is set); a part stopped by its time limit does not stop the next.
@@ -31,6 +31,12 @@ for p in "$@"; do
     case $p in
         engine-sd15) part engine-sd15 330 $PY tests/bench/bench_engine_gpu.py --cases sd15-8gb-b1,sd15-8gb-b4,sd15-12gb-b4 ;;
         engine-sd15-b1) part engine-sd15-b1 150 $PY tests/bench/bench_engine_gpu.py --cases sd15-8gb-b1 ;;
+        # issue 20's headline, first when device time is short (about 9 minutes with the model builds): the engine
+        # eager and compiled against the diffusers reference step, SD 1.5 then SDXL
+        headline-sd15) part headline-sd15 240 $PY tests/bench/bench_engine_gpu.py --steps 100 --reference sd15-8gb-b1 \
+                           --cases sd15-8gb-b1,sd15-8gb-b1-compiled ;;
+        headline-sdxl) part headline-sdxl 300 $PY tests/bench/bench_engine_gpu.py --steps 60 --reference sdxl-12gb-b1 \
+                           --cases sdxl-12gb-b1,sdxl-12gb-b1-compiled ;;
         engine-sdxl) part engine-sdxl 330 $PY tests/bench/bench_engine_gpu.py --cases sdxl-12gb-b1,sdxl-24gb-b1 \
                          --steps 60 --reference sdxl-12gb-b1 ;;
         steps) part steps 180 $PY tests/bench/bench_gpu.py --steps 30 ;;
