@@ -31,7 +31,7 @@ for p in "$@"; do
     case $p in
         engine-sd15) part engine-sd15 330 $PY tests/bench/bench_engine_gpu.py --cases sd15-8gb-b1,sd15-8gb-b4,sd15-12gb-b4 ;;
         engine-sd15-b1) part engine-sd15-b1 150 $PY tests/bench/bench_engine_gpu.py --cases sd15-8gb-b1 ;;
-        # issue 20's headline, first when device time is short (about 9 minutes with the model builds): the engine
+        # issue 20's headline, first when device time is short (at most 9 minutes, not yet timed on a GPU): the engine
         # eager and compiled against the diffusers reference step, SD 1.5 then SDXL
         headline-sd15) part headline-sd15 240 $PY tests/bench/bench_engine_gpu.py --steps 100 --reference sd15-8gb-b1 \
                            --cases sd15-8gb-b1,sd15-8gb-b1-compiled ;;
