@@ -14,7 +14,8 @@ from attack import SECRET, fetch, sweep, tree
 def space(tmp_path_factory):
     server = AppServer(tmp_path_factory.mktemp("space-attacks") / "workspace", "--space",
                        env={"LORA_LAB_SPACE_MAX_STEPS": "20", "LORA_LAB_SPACE_MAX_UPLOAD_MB": "3",
-                            "LORA_LAB_SPACE_MIN_FREE_MB": "64", "LORA_LAB_SPACE_MAX_QUEUE": "2"})
+                            "LORA_LAB_SPACE_MIN_FREE_MB": "64", "LORA_LAB_SPACE_MAX_QUEUE": "2",
+                            "LORA_LAB_SPACE_MAX_SAMPLE_IMAGES": "6", "LORA_LAB_SPACE_MAX_CHECKPOINTS": "3"})
     from gradio_client import Client
 
     vera, mallory = Client(server.url, verbose=False), Client(server.url, verbose=False)  # each keeps its cookie
@@ -66,6 +67,9 @@ def test_8_space_caps_bound_every_setting_that_multiplies_the_work(space):
                        ({"train": "{steps: 20}", "sample": "{prompts: [a, b, c], every_n_steps: 1}"}, "sample images"),
                        ({"train": "{steps: 500}"}, "at most 20 steps"),
                        ({"network": "{rank: 1024}"}, "ranks of at most 64"),
+                       ({"train": "{steps: 20}", "validation": "{every_n_steps: 1, timesteps: 100}"},
+                        "validation passes"),
+                       ({"save": "{every_n_steps: 1}"}, "at most 3 checkpoints"),
                        ({"model": "{base: stabilityai/sdxl}"}, "only these models")]:
         with pytest.raises(Exception, match=says):
             mallory.predict(cfg(demo, **over), api_name="/start_run")
@@ -79,6 +83,73 @@ def test_8_space_caps_bound_every_setting_that_multiplies_the_work(space):
         message, *_ = mallory.predict(base, "a cat", "", 1, 2, 7.0, 64, 64, "euler_a", None, None, None, 1, 1, 1,
                                       api_name="/on_generate")
         assert "only these models" in message, message
+
+
+def test_8_sample_now_and_save_now_stay_within_the_runs_caps(space):
+    """Each click is more work for the shared device: only what the run's own plan leaves of the caps."""
+    mallory = space["mallory"]
+    demo = mallory.predict(api_name="/on_demo")
+    name = mallory.predict(cfg(demo, train="{steps: 20}", sample="{prompts: [a circle, a cross], steps: 2}"),
+                           api_name="/start_run")
+    sampled = [mallory.predict(api_name="/sample_now") for _ in range(3)]  # 6 images at most: 2 planned, 2 × 2 more
+    saved = [mallory.predict(api_name="/save_now") for _ in range(3)]  # 3 checkpoints at most: the last, 2 more
+    for update in mallory.submit(name, api_name="/watch"):
+        pass
+    assert update["state"] == "completed", update
+    assert all("will be" in m for m in sampled[:2] + saved[:2]), (sampled, saved)
+    assert "at most 6 sample images" in sampled[2] and "used up" in sampled[2], sampled
+    assert "at most 3 checkpoints" in saved[2] and "used up" in saved[2], saved
+    run = next(space["server"].workspace.glob(f"sessions/*/runs/{name}"))
+    assert 2 <= len(list((run / "samples").glob("*.png"))) <= 6
+
+
+def test_8_an_adapter_file_over_the_cap_and_a_large_validation_folder_are_refused(tmp_path):
+    from trainer.config import config_from_dict
+    from trainer.errors import LoraLabError
+    from ui.space import check_caps
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(41):
+        (images / f"{i}.png").write_bytes(b"")  # counted by name, as the caps do before anything is read
+    few = tmp_path / "few"
+    few.mkdir()
+    (few / "a.png").write_bytes(b"")
+    base = {"model": {"base": "stabilityai/stable-diffusion-xl-base-1.0"}, "dataset": {"source": str(few)},
+            "train": {"steps": 20}}
+    for over, says in [({"network": {"algorithm": "oft", "targets": "all"}}, "adapter files of at most 256 MB"),
+                       ({"network": {"rank": 64, "targets": "all", "train_text_encoder": True}}, "about 505 MB"),
+                       ({"validation": {"source": str(images)}}, "validation on at most 40 images")]:
+        with pytest.raises(LoraLabError, match=says):
+            check_caps(None, config_from_dict({**base, **over}))
+    check_caps(None, config_from_dict({**base, "network": {"rank": 32, "targets": "all"}}))  # 194 MB: allowed
+
+
+def test_an_export_zip_over_the_visitors_quota_is_not_kept(tmp_path, monkeypatch):
+    """The images' size is known once the zip is written: one that does not fit is removed, nothing left behind."""
+    import numpy as np
+    from PIL import Image
+
+    from trainer.errors import LoraLabError
+    from ui.context import AppContext
+    from ui.test_export import export_session
+
+    monkeypatch.setenv("LORA_LAB_SPACE_MAX_UPLOAD_MB", "0.4")
+    monkeypatch.setenv("LORA_LAB_SPACE_MIN_FREE_MB", "1")
+    ctx = AppContext.create(tmp_path / "ws", space=True)
+    noise = np.random.default_rng(0)
+
+    def record(i):  # noise: a PNG that does not compress, 192 KB
+        return {"image": Image.fromarray(noise.integers(0, 255, (256, 256, 3), dtype=np.uint8)), "prompt": f"p{i}",
+                "label": "base", "loras": [], "base": "tiny-demo", "negative": "", "seed": i, "steps": 4,
+                "guidance": 5.0, "sampler": "euler_a", "width": 256, "height": 256}
+
+    with pytest.raises(LoraLabError, match="this export adds"):
+        export_session(ctx, [record(i) for i in range(3)], None, 1.0)
+    assert not list((ctx.root / "exports").iterdir()) and not list(ctx.root.glob(".export-*"))
+    out, count = export_session(ctx, [record(0)], None, 1.0)
+    assert count == 1 and out.parent == ctx.root / "exports" and out.stat().st_size > 190_000
+    assert not list(ctx.root.glob(".export-*"))
 
 
 def _cookie(client) -> str:

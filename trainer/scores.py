@@ -20,7 +20,7 @@ from .errors import LoraLabError
 COPY_SIMILARITY = 0.95
 NEEDS_MODEL = ("Scores need a CLIP model: set sample.score_model to a local CLIP folder (or a hub id such as "
                "openai/clip-vit-base-patch32 while online).")
-_LOADED: dict[str, "Scorer"] = {}
+_LOADED: dict[str, "Scorer"] = {}  # the last one only: on a shared app each request may name another model
 
 
 @dataclass
@@ -43,11 +43,12 @@ class Score:
 
 
 def load_scorer(spec: str) -> "Scorer":
-    """The CLIP model `spec` names (loaded once per process)."""
+    """The CLIP model `spec` names (kept until another is asked for)."""
     spec = (spec or "").strip()
     if not spec:
         raise LoraLabError("No CLIP model set.", NEEDS_MODEL)
-    if spec not in _LOADED:
+    scorer = _LOADED.get(spec)
+    if scorer is None:
         from transformers import CLIPModel, CLIPProcessor
 
         local = Path(spec).expanduser()
@@ -59,8 +60,10 @@ def load_scorer(spec: str) -> "Scorer":
             raise LoraLabError(f"The CLIP model {spec!r} could not be loaded ({str(e).splitlines()[0][:160]}).",
                                "Give a folder holding a CLIP model and its processor (config.json, the weights, "
                                "tokenizer and preprocessor files), or a hub id while online.") from None
-        _LOADED[spec] = Scorer(model, processor)
-    return _LOADED[spec]
+        scorer = Scorer(model, processor)
+        _LOADED.clear()
+        _LOADED[spec] = scorer
+    return scorer
 
 
 @dataclass

@@ -7,7 +7,11 @@ the caller is comes from scope.py (each handler runs as its caller); this module
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+
+from trainer.plan_summary import family_guess, file_mb
+from trainer.validation import every
 
 def _env(name: str, default: int) -> int:
     return int(os.environ.get(f"LORA_LAB_SPACE_{name}", default))
@@ -24,6 +28,8 @@ MAX_GEN_SIDE = _env("MAX_GEN_SIDE", 1024)
 MAX_UPLOAD = _env("MAX_UPLOAD_MB", 200) * 1024**2  # one uploaded file (Gradio refuses larger ones)
 MAX_RANK = _env("MAX_RANK", 64)
 MAX_QUEUE = _env("MAX_QUEUE", 8)  # runs waiting, all visitors together
+MAX_VALIDATION = _env("MAX_VALIDATION", 2000)  # validation passes in a run: images × timesteps × measurements
+MAX_LORA_MB = _env("MAX_LORA_MB", 256)  # one adapter file (a run keeps up to 6: checkpoints, final, EMA, best)
 
 
 def detected() -> bool:
@@ -32,7 +38,6 @@ def detected() -> bool:
 
 def check_caps(ctx, cfg) -> None:
     """Space mode: a run's total work stays within the demo's caps, whatever setting multiplies it."""
-    from trainer.data.images import IMAGE_EXTS
     from trainer.errors import LoraLabError
 
     def refuse(what: str, fix: str):
@@ -62,10 +67,64 @@ def check_caps(ctx, cfg) -> None:
         refuse("at most 3 checkpoints kept", "Set save.keep_last to 3 or less.")
     if cfg.save.every_n_steps and t.steps // cfg.save.every_n_steps > MAX_CHECKPOINTS:
         refuse(f"at most {MAX_CHECKPOINTS} checkpoints in a run", "Raise save.every_n_steps.")
-    source = Path(d.source)
-    images = [p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTS] if source.is_dir() else []
-    if len(images) > MAX_IMAGES:
-        refuse(f"training on at most {MAX_IMAGES} images (the dataset has {len(images)})", "Upload fewer images.")
+    size = file_mb(cfg, family_guess(cfg.model.base))
+    if size and size > MAX_LORA_MB:
+        refuse(f"adapter files of at most {MAX_LORA_MB} MB (this one: about {size:,.0f} MB)",
+               "Lower network.rank, train fewer layers (network.targets), or use LoRA instead of OFT.")
+    images = _images(d.source)
+    if images > MAX_IMAGES:
+        refuse(f"training on at most {MAX_IMAGES} images (the dataset has {images})", "Upload fewer images.")
+    v = cfg.validation
+    if v.enabled:
+        measured = _images(v.source) if v.source else images
+        if measured > MAX_IMAGES:
+            refuse(f"validation on at most {MAX_IMAGES} images (validation.source has {measured})",
+                   "Use a smaller validation folder, or leave validation.source empty.")
+        times = t.steps // every(v, cfg.save.every_n_steps, t.steps) + 1
+        if measured * v.timesteps * times > MAX_VALIDATION:
+            refuse(f"at most {MAX_VALIDATION:,} validation passes in a run (images × timesteps × measurements; "
+                   f"asked: {measured} × {v.timesteps} × {times})",
+                   "Raise validation.every_n_steps, lower validation.timesteps, or turn validation off.")
+
+
+def _images(source: str) -> int:
+    from trainer.data.images import IMAGE_EXTS
+
+    folder = Path(source)
+    return sum(p.suffix.lower() in IMAGE_EXTS for p in folder.rglob("*")) if folder.is_dir() else 0
+
+
+_ON_DEMAND: dict[tuple[str, str], int] = {}  # (run folder, "sample" | "save") → requests taken, while the app runs
+_ON_DEMAND_LOCK = threading.Lock()
+
+
+def on_demand(run, kind: str) -> str | None:
+    """Space mode: take one *Sample now* or *Save now* for `run` from what its caps leave beyond the run's own
+    plan; None if taken, else why not (each request is one more round of samples or one more checkpoint)."""
+    from trainer.config import load
+
+    cfg = load(run.config_path)
+    t, s = cfg.train, cfg.sample
+    if kind == "sample":
+        cost = len(s.prompts)
+        if not cost:
+            return None  # makes nothing
+        planned = cost * ((t.steps // s.every_n_steps if s.every_n_steps else 0) + 1)
+        most = (MAX_SAMPLE_IMAGES - planned) // cost
+        limit = f"at most {MAX_SAMPLE_IMAGES} sample images in a run ({planned} planned by its settings)"
+    else:
+        every_n = cfg.save.every_n_steps
+        planned = (t.steps // every_n if every_n else 0) + 1
+        most = MAX_CHECKPOINTS - planned
+        limit = f"at most {MAX_CHECKPOINTS} checkpoints in a run ({planned} planned by its settings)"
+    key = (str(run.path.resolve()), kind)
+    with _ON_DEMAND_LOCK:
+        used = _ON_DEMAND.get(key, 0)
+        if used >= most:
+            return (f"This demo allows {limit}: *{'Sample' if kind == 'sample' else 'Save'} now* is used up for "
+                    f"**{run.name}** ({used} taken). The ones its settings plan still come.")
+        _ON_DEMAND[key] = used + 1
+    return None
 
 
 def gpu(fn, duration: int = 120):

@@ -16,16 +16,17 @@ from .test_scores import picked_info, recommendation, run_of, score_records
 
 SLOTS = 3
 SESSION_MAX = 400  # images kept for the export; older ones drop out (the page says so)
+SPACE_SESSION_MAX = 64  # on a Space: each page session holds its images in the server's memory
 
 
-def session_text(kept: list[dict], dropped: int = 0) -> str:
+def session_text(kept: list[dict], dropped: int = 0, most: int = SESSION_MAX) -> str:
     if not kept:
         return "No images made yet: what you generate here is kept for the export."
     clicks = len({r.get("batch") for r in kept})
     text = (f"This set: **{len(kept)} images** from {clicks} generation{'s' if clicks > 1 else ''}; *Export zip* "
             "puts them all in one file.")
     if dropped:
-        text += f" The oldest {dropped} dropped out (at most {SESSION_MAX} are kept): export more often."
+        text += f" The oldest {dropped} dropped out (at most {most} are kept): export more often."
     return text
 
 
@@ -259,9 +260,10 @@ def build(ctx):
         kept = list(kept or [])
         if batch and not any(r.get("batch") == batch[0].get("batch") for r in kept[-len(batch):]):
             kept += batch
-        dropped = max(0, len(kept) - SESSION_MAX)
+        most = SPACE_SESSION_MAX if ctx.space else SESSION_MAX
+        dropped = max(0, len(kept) - most)
         kept = kept[dropped:]
-        return kept, session_text(kept, dropped)
+        return kept, session_text(kept, dropped, most)
 
     for btn, fn, extra in ((gen_btn, on_generate, []), (compare_btn, on_compare, []),
                            (sweep_btn, on_sweep, [score_model]), (grid_btn, on_grid, [score_model])):
@@ -284,33 +286,10 @@ def build(ctx):
     def on_export(kept, text, l0, s0, sd, st, g, spec="tiny-demo", neg="", w=0, h=0, sch="euler_a"):
         """Every image of the session, each with the settings that made it (kept in `kept`); of the form,
         only LoRA 1 and its strength are used. The other inputs stay so that /on_export keeps its API."""
-        from trainer.bundle import export_bundle, session_files
+        from .test_export import export_session
 
-        from .uploads import check_space_quota
-
-        lora = access.lora(ctx, l0) if l0 else None
-        if not kept:
-            raise LoraLabError("Nothing to export yet.", "Generate or compare images first: every image made on "
-                               "this page goes into the export.")
-        named, entries, loras = session_files(kept)
-        extra = [(p, n) for p, n in loras if p != lora]
-        check_space_quota(ctx, sum(p.stat().st_size for p in [lora, *(p for p, _ in extra)] if p and p.exists()), 1)
-        from trainer.comfy_workflow import workflow_api, workflow_ui
-
-        out = ctx.workspace / "exports" / f"lora-lab-{time.strftime('%Y%m%d-%H%M%S')}.zip"
-        lines = list(dict.fromkeys(e["prompt"] for e in entries))
-        last = entries[-1]
-        settings = {"base_model": last["base_model"], "sampler": last["sampler"], "width": last["width"],
-                    "height": last["height"], "steps": last["steps"], "guidance": last["guidance"],
-                    "negative_prompt": last["negative_prompt"], "seed": last["seed"], "prompts": lines,
-                    "loras": [{"file": lora.name, "strength": float(s0)}] if lora else [], "lora_strength": s0,
-                    "images": entries}
-        api = workflow_api([{**e, "base": e["base_model"], "negative": e["negative_prompt"],
-                             "loras": [(x["file"], x["strength"]) for x in e["loras"]],
-                             "name": e["file"].removesuffix(".png")} for e in entries])
-        export_bundle(out, named, lines, lora, run_of(lora) if lora else None, settings,
-                      {"comfyui_workflow_api.json": api, "comfyui_workflow.json": workflow_ui(api)}, extra)
-        return f"Exported {out.name}: {len(named)} images.", str(out)
+        out, count = export_session(ctx, kept, access.lora(ctx, l0) if l0 else None, s0)
+        return f"Exported {out.name}: {count} images.", str(out)
 
     export_btn.click(on_export, [session, prompts, lora_boxes[0], strength_boxes[0], seed, steps, guidance, base,
                                  negative, width, height, scheduler], [message, export_file])

@@ -148,20 +148,25 @@ def build(ctx, data):
                            interactive=False, elem_id="run-history", value=lambda: history_rows(ctx.workspace))
     start_btn.click(on_start, [*fields, *ds_inputs], [message_box, history])
 
-    def command(action, said):
+    def command(action, said, kind=None):
         def handler():
             mine = ctx.my_slot()
             if mine is None:
                 return "No run of yours is going."
+            if kind and ctx.space:  # each one is more work for the shared device: within the run's caps
+                from .space import on_demand
+
+                if refused := on_demand(mine.run, kind):
+                    return refused
             action(mine.run)
             return said.format(name=mine.run.name)
         return handler
 
     stop_btn.click(command(ctx.jobs.stop, "Stopping **{name}** after this step…"), None, message_box)
-    save_btn.click(command(ctx.jobs.save_now, "**{name}**: a checkpoint will be saved after this step."), None,
-                   message_box)
-    sample_btn.click(command(ctx.jobs.sample_now, "**{name}**: samples will be made after this step."), None,
-                     message_box)
+    save_btn.click(command(ctx.jobs.save_now, "**{name}**: a checkpoint will be saved after this step.", "save"),
+                   None, message_box, api_name="save_now")
+    sample_btn.click(command(ctx.jobs.sample_now, "**{name}**: samples will be made after this step.", "sample"),
+                     None, message_box, api_name="sample_now")
 
     def watch(request, name: str, unless_going: bool = False) -> None:
         session = session_of(request)

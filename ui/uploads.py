@@ -190,7 +190,7 @@ def _check_totals(ctx, entries: list[_Entry]) -> None:
     check_space_quota(ctx, size, n)
 
 
-def check_space_quota(ctx, size: int, n: int) -> None:
+def check_space_quota(ctx, size: int, n: int, what: str = "this upload") -> None:
     """Space mode: what a visitor keeps (datasets, uploaded LoRAs, export zips, presets) plus `n` files of `size`
     bytes stays within the demo's total per visitor."""
     if not ctx.space:
@@ -204,9 +204,10 @@ def check_space_quota(ctx, size: int, n: int) -> None:
     if used + size > max_bytes or used_n + n > max_files:
         raise LoraLabError(
             f"This demo keeps at most {_mb(max_bytes)} and {max_files:,} files of uploads per visitor: yours hold "
-            f"{_mb(used)} in {used_n:,} files, and this upload adds {_mb(size)} in {n:,}.",
-            "Upload fewer or smaller files, or delete a dataset you no longer need; for larger sets run "
-            "LoRA Lab on your own machine.")
+            f"{_mb(used)} in {used_n:,} files, and {what} adds {_mb(size)} in {n:,}.",
+            ("Upload fewer or smaller files, or delete a dataset you no longer need" if what == "this upload" else
+             "Start a new set and export fewer images, or delete a dataset you no longer need")
+            + "; for larger sets run LoRA Lab on your own machine.")
 
 
 def _write(entries: list[_Entry], targets: list[PurePosixPath], datasets: Path, name: str) -> Path:
