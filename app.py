@@ -87,7 +87,14 @@ def main(argv=None) -> int:
         a.no_browser = True
     local = not a.share and a.host in ("127.0.0.1", "localhost", "::1")
     data_dirs = a.data_dir or []
-    devices = [d.strip() for d in a.devices.split(",")] if a.devices else None
+    devices = [d.strip() for d in a.devices.split(",") if d.strip()] if a.devices else None
+    if devices:
+        from trainer.jobs import missing_devices
+
+        if why := missing_devices(devices):
+            print(f"error: --devices {a.devices}: {why}. Leave --devices out to train on every GPU found "
+                  "(or on the CPU without one).", file=sys.stderr)
+            return 2
     ctx = AppContext.create(a.workspace, a.models_dir, a.allow_pickle, space=in_space, data_dirs=data_dirs,
                             per_user=per_user and not in_space, devices=devices, local=local)
     app = build_app(ctx)

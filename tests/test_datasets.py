@@ -195,5 +195,5 @@ def test_a_dataset_naming_image_files_outside_itself_gets_none_of_them(tmp_path)
 def test_hub_dataset_offline_says_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(LoraLabError, match="offline.*save_to_disk"):
+    with pytest.raises(LoraLabError, match="No folder 'someone/no-such-dataset'.*offline.*save_to_disk"):
         load_dataset_source("someone/no-such-dataset")

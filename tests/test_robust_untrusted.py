@@ -69,3 +69,13 @@ def test_sharing_without_auth_prints_a_prominent_warning(tmp_path):
         _, err = proc.communicate(timeout=20)
     assert "WARNING: LoRA Lab is reachable from other machines without a password" in err
     assert "--auth user:password" in err
+
+
+def test_devices_the_machine_lacks_are_refused_when_the_app_starts(tmp_path):
+    """Not at a user's first run, with advice about a server flag they can't change."""
+    proc = subprocess.run([sys.executable, str(ROOT / "app.py"), "--no-browser", "--workspace", str(tmp_path / "ws"),
+                           "--devices", "cuda:0,cuda:99"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    assert proc.returncode == 2, proc.stderr
+    assert "--devices cuda:0,cuda:99: cuda:" in proc.stderr and "is not here: this machine has" in proc.stderr
+    assert "Leave --devices out" in proc.stderr

@@ -10,12 +10,13 @@ from urllib.parse import urlparse
 from .errors import LoraLabError
 
 
-def cached(repo_id: str) -> bool:
-    """Whether `repo_id` is in the local Hugging Face cache (no network)."""
+def cached(repo_id: str, repo_type: str | None = None) -> bool:
+    """Whether `repo_id` (a model, or with repo_type="dataset" a dataset) is in the local Hugging Face cache (no
+    network)."""
     from huggingface_hub import snapshot_download
 
     try:
-        snapshot_download(repo_id, local_files_only=True)
+        snapshot_download(repo_id, repo_type=repo_type, local_files_only=True)
         return True
     except Exception:  # noqa: BLE001 - not cached, or not a valid id: either way not here
         return False

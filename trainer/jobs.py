@@ -64,6 +64,25 @@ def default_devices() -> list[str]:
     return ["auto"]
 
 
+def missing_devices(devices: list[str]) -> str | None:
+    """Why `devices` (the app's --devices) can't all be trained on here, or None: said when the app starts, not
+    when a user's first run fails."""
+    cuda = [d for d in devices if d.startswith("cuda")]
+    if not cuda:
+        return None
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for d in cuda:
+        try:
+            index = torch.device(d).index or 0
+        except RuntimeError:
+            return f"{d!r} is not a device name (use cuda:0, cuda:1, … or cpu)"
+        if index >= have:
+            return f"{d} is not here: this machine has {have} CUDA GPU{'s' if have != 1 else ''} PyTorch can use"
+    return None
+
+
 def _may_have_gpu() -> bool:
     """A cheap look for an NVIDIA or AMD GPU driver, before paying for `import torch`."""
     import shutil

@@ -50,7 +50,7 @@ def plan_line(cfg, images: int | None) -> str | None:
         what = (f"on the {images} training images (fewer than validation.min_images = {v.min_images}, so none "
                 "is held out: watch its trend)")
     stop = f"; stops after {v.patience} measurements without a new lowest" if v.patience else ""
-    best = "; the lowest step's LoRA is kept as <name>-best.safetensors" if v.keep_best else ""
+    best = f"; the lowest step's LoRA is kept as {cfg.name}-best.safetensors" if v.keep_best else ""
     return f"Validation loss {what}, {v.timesteps} fixed timesteps each, every {interval} steps{best}{stop}."
 
 

@@ -25,7 +25,7 @@ def captioners_here() -> str:
 def build(ctx, data):
     ds_state = data["state"]
     index = gr.State(0)
-    gr.Markdown("Load a dataset in the **Dataset** tab first. Captions are saved next to each image "
+    gr.Markdown("The captions of the dataset loaded in the **Dataset** tab, saved next to each image "
                 "(`name.txt`); for a Hugging Face dataset they go to `workspace/captions/`.")
     message = gr.Markdown(elem_id="caption-message")
     with gr.Row():
@@ -111,6 +111,11 @@ def build(ctx, data):
             yield ("⚠️ A training run is using the device. Caption when it has finished (or stop it).",
                    gr.skip(), gr.skip(), gr.skip(), gr.skip(), "")
             return
+        todo = [it for it in ds.items if how == "overwrite all" or not it.caption.strip()]
+        if not todo:
+            yield ("Every image has a caption already: nothing to fill in. Pick *overwrite all* to caption them all "
+                   "anew.", gr.skip(), gr.skip(), gr.skip(), gr.skip(), "")
+            return
         kind, model_id = CAPTIONERS[choice]
         progress(0, desc=f"Loading {model_id}…")
         try:
@@ -121,7 +126,6 @@ def build(ctx, data):
             return
         lines: list[str] = []
         try:
-            todo = [it for it in ds.items if how == "overwrite all" or not it.caption.strip()]
             for n, it in enumerate(todo):
                 caption_items([it], cap, True, trig, save)
                 lines.append(f"{it.name}: {it.caption}")

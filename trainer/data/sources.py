@@ -189,6 +189,14 @@ def open_hf(source: str):
             return datasets.load_from_disk(str(path))
         if path.exists():
             return load_hf_raw(path)
+        from ..hub_cache import cached, hub_reachable
+
+        if not cached(source, "dataset") and not hub_reachable():  # else datasets retries for half a minute
+            raise LoraLabError(f"No folder '{source}' was found, and the Hugging Face hub, where a dataset of that "
+                               "name would be, cannot be reached (offline).",
+                               "Give the folder of your images (one you made here is under datasets/), or "
+                               "download the hub dataset on a connected machine (save_to_disk) and give its "
+                               "folder.")
         return datasets.load_dataset(source)
     except datasets.exceptions.DatasetNotFoundError:
         raise LoraLabError(f"There is no dataset '{source}' on the Hugging Face hub.",
