@@ -172,8 +172,10 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 151))
     # the validation loss before the start and at each checkpoint (every 25 steps); none extra for the resume
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 25, 50, 75, 100, 125, 150]
-    wait_for(lambda: "val. on train (best step" in (page.locator("#loss-plot").text_content() or ""), 120,
+    wait_for(lambda: "val. on train" in (page.locator("#loss-plot").text_content() or ""), 120,
              what=lambda: f"the validation series in the loss plot's legend: {page.locator('#loss-plot').text_content()!r}")
+    # and drawn, in the exported plot's orange: the points measured while the page watched too
+    wait_for(lambda: page.locator("#loss-plot path[stroke='#e67814']").count() > 0, 120, what="the validation line")
 
     # Test: compare with the base model from the same seed, then export the zip.
     # Opening the tab offers the new LoRA first, named with its family and step; with the prompt box
@@ -188,6 +190,10 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     page.click("#test-compare")
     wait_for(lambda: "with LoRA · lablora, a cross on a black background" in page.inner_text("#test-gallery"), 120,
              what="comparison images")
+    # One prompt: the two images keep a column each of four, so both captions are in view, not scrolled away.
+    frame = page.locator("#test-gallery .grid-wrap").bounding_box()
+    labels = [page.locator("#test-gallery .caption-label").nth(i).bounding_box() for i in range(2)]
+    assert all(b["y"] + b["height"] <= frame["y"] + frame["height"] for b in labels), (frame, labels)
     wait_for(lambda: "6 images" in page.inner_text("#test-session"), 120, what="both comparisons kept for the export")
     page.click("#test-export")
     wait_for(lambda: "Exported" in page.inner_text("#test-message"), 120, what="export")

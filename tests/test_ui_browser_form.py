@@ -80,9 +80,12 @@ def test_form_problems_show_in_place_and_settings_can_be_kept_and_reused(server,
     assert "settings of last-week" in page.inner_text("#history-message")
 
 
-def test_the_live_panel_stays_on_its_run_and_an_opened_run_follows_its_state(server, browser, tmp_path):
-    """A queued run starting does not pull the live panel away from the run it shows: the panel says so
-    and follows only when asked; a run opened in the history shows its new state when it ends."""
+def test_the_live_panel_follows_the_run_started_on_its_page_and_stays_put_for_others(server, browser, tmp_path):
+    """A run started on the page while another is going is shown once that one ends; a run started elsewhere
+    (another tab, a script) does not pull the panel away: the panel says so and follows only when asked. A run
+    opened in the history shows its new state when it ends."""
+    from gradio_client import Client
+
     data = make_demo_dataset(tmp_path / "views", count=4)
     page = train_tab_with(browser, server, data)
     set_number(page, "cfg-train-steps", 5000)
@@ -98,24 +101,32 @@ def test_the_live_panel_stays_on_its_run_and_an_opened_run_follows_its_state(ser
     page.fill("#cfg-name textarea, #cfg-name input", "second")
     page.click("#train-start")
     wait_for(lambda: "Queued second" in page.inner_text("#train-message"), 120, what="the second run queued")
+    assert shown() == "first"  # while the first goes on, the panel stays on it
     page.click("#history-pick input")
     page.get_by_role("option", name="first").click()
     wait_for(lambda: "running" in page.inner_text("#history-message"), 120, what="the opened run running")
 
-    page.click("#train-stop")  # the first run stops; the queued one starts
-    wait_for(lambda: progress(page)[0] == "stopped", 120, what="the first run stopped")
-    wait_for(lambda: page.locator("#run-other").count() and "second" in page.inner_text("#run-other"), 120,
-             what="the panel saying that another run is going")
-    assert shown() == "first"  # it stayed on the run it showed
+    page.click("#train-stop")  # the first run stops; the one queued from this page starts, and the panel shows it
+    wait_for(lambda: shown() == "second" and progress(page)[0] == "running", 120,
+             what=lambda: f"the panel on the second run, not {shown()!r} {progress(page)}")
     wait_for(lambda: "stopped" in page.inner_text("#history-message"), 120,
              what=lambda: f"the opened run's new state, not {page.inner_text('#history-message')!r}")
-    page.screenshot(path=str(SHOTS / "train-another-run.png"), full_page=True)
-
-    page.click("#live-follow")
-    wait_for(lambda: shown() == "second" and progress(page)[0] == "running", 120, what="the panel following")
-    assert not page.locator("#run-other").count()
     page.click("#train-stop")
     wait_for(lambda: progress(page)[0] == "stopped", 120, what="the second run stopped")
+
+    # A run started by a script: the panel stays on the run it shows and says that another is going.
+    Client(server.url, verbose=False).predict(
+        f"name: third\nmodel: {{base: tiny-demo}}\ndataset: {{source: '{data}', resolution: 64}}\n"
+        "train: {steps: 5000, device: cpu}\n", api_name="/start_run")
+    wait_for(lambda: page.locator("#run-other").count() and "third" in page.inner_text("#run-other"), 120,
+             what="the panel saying that another run is going")
+    assert shown() == "second"
+    page.screenshot(path=str(SHOTS / "train-another-run.png"), full_page=True)
+    page.click("#live-follow")
+    wait_for(lambda: shown() == "third" and progress(page)[0] == "running", 120, what="the panel following")
+    assert not page.locator("#run-other").count()
+    page.click("#train-stop")
+    wait_for(lambda: progress(page)[0] == "stopped", 120, what="the third run stopped")
 
 
 def test_a_small_card_preset_fills_the_memory_options_and_the_estimate_shows_each_phase(server, browser, tmp_path):

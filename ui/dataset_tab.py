@@ -73,7 +73,8 @@ def build(ctx):
         prev_btn = gr.Button("◀ Previous page", size="sm")
         page = gr.Number(value=1, label="Page", precision=0, minimum=1, scale=0, min_width=100)
         next_btn = gr.Button("Next page ▶", size="sm")
-    gallery = gr.Gallery(label="Images and captions", columns=6, height="auto", elem_id="dataset-gallery")
+    gallery = gr.Gallery(label="Images and captions", columns=6, fit_columns=False, height="auto",
+                         elem_id="dataset-gallery")
     with gr.Row():
         sizes = gr.Dataframe(headers=["size", "images"], label="Image sizes", interactive=False)
         buckets = gr.Dataframe(headers=["bucket at 512", "images"], label="Aspect buckets", interactive=False)

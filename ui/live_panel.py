@@ -35,11 +35,14 @@ def thin(rows: list[dict]) -> list[dict]:
 
 
 def validation_label(val_rows: list[dict]) -> str:
-    """The validation series' name: where its lowest point is and what it was measured on, short enough
-    for the plot's legend (which cuts labels at about 30 characters)."""
-    best = min(val_rows, key=lambda r: r["val_loss"])
-    name = "val. on train" if val_rows[-1].get("val_on") == TRAINING else "validation"
-    return f"{name} (best step {best['step']})"
+    """The validation series' name: what it was measured on. It stays the same all run long (the plot keeps the
+    series names of its first frame: a name with the best step in it kept its first value, and the later points
+    went undrawn); the progress line says where the lowest is."""
+    return "val. on train" if val_rows[-1].get("val_on") == TRAINING else "validation"
+
+
+# The exported loss.png's colours (trainer/bundle.py), so the two plots read alike.
+LOSS_COLORS = {"raw": "#aaaaaa", "smoothed": "#1e5ac8", "validation": "#e67814", "val. on train": "#e67814"}
 
 
 def loss_frame(rows: list[dict], val_rows: list[dict] = ()):
@@ -230,16 +233,19 @@ def is_skip(x) -> bool:
 class Watching:
     """What each open page shows, by its Gradio session: the run in its live panel and the run opened in
     its history. A page keeps showing its run until its user picks another (Start, Resume, *Show the
-    run going now*), so a queued run starting does not pull the view away from a finished one. Names
-    kept here are checked again (access.run) whenever they are read."""
+    run going now*), so a queued run starting does not pull the view away from a finished one — except
+    the run started on this page while the one shown was still going (`next`): that one is shown once the
+    other has ended. Names kept here are checked again (access.run) whenever they are read."""
 
     def __init__(self):
         self.live: dict[str, str] = {}
         self.opened: dict[str, str] = {}
+        self.next: dict[str, str] = {}
 
     def forget(self, session: str | None) -> None:
         self.live.pop(session, None)
         self.opened.pop(session, None)
+        self.next.pop(session, None)
 
 
 watching = Watching()

@@ -97,7 +97,8 @@ def build(ctx):
                              placeholder="empty: the one LoRA 1's run scored its samples with; a folder, or a hub "
                                          "id while online", elem_id="test-score-model")
     message = gr.Markdown(elem_id="test-message")
-    gallery = gr.Gallery(label="Results", columns=4, height="auto", elem_id="test-gallery")
+    gallery = gr.Gallery(label="Results", columns=4, fit_columns=False, height="auto", object_fit="contain",
+                         elem_id="test-gallery")
     images = gr.State([])  # the last click's images, with how each was made
     session = gr.State([])  # every image made on this page since it opened (or was cleared)
     with gr.Row():

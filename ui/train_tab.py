@@ -14,15 +14,15 @@ from trainer.runs import delete_run, list_runs
 from . import access
 from .config_form import build_form, config_to_values, form_to_config
 from .errors import guarded, message
-from .live_panel import (STATE_ICON, history_update, live_update, loss_frame, sample_items, session_of, streamed,
-                         watching)
+from .live_panel import (LOSS_COLORS, STATE_ICON, history_update, live_update, loss_frame, sample_items, session_of,
+                         streamed, watching)
 
 
 def started_message(ctx, run) -> str:
     pos = ctx.jobs.position(run)
     if pos:
-        return (f"Queued **{run.name}**: number {pos} in line; it starts when a device is free "
-                "(cancel it in the run history).")
+        return (f"Queued **{run.name}**: number {pos} in line; it starts when a device is free, and the live "
+                "panel shows it then (cancel it in the run history).")
     return f"Started **{run.name}**."
 
 
@@ -76,10 +76,11 @@ def build(ctx, data):
     message_box = gr.Markdown(elem_id="train-message")
     progress = gr.HTML(elem_id="train-progress")
     with gr.Row():
-        loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", height=260, elem_id="loss-plot")
+        loss_plot = gr.LinePlot(x="step", y="loss", color="series", color_map=LOSS_COLORS, title="Loss", height=260,
+                                elem_id="loss-plot")
         lr_plot = gr.LinePlot(x="step", y="lr", title="Learning rate", height=260)
     with gr.Row():
-        samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="train-samples")
+        samples = gr.Gallery(label="Samples", columns=4, fit_columns=False, height=260, elem_id="train-samples")
         log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, elem_id="train-log")
 
     def dataset_values(src, split, ic, cc):
@@ -172,14 +173,18 @@ def build(ctx, data):
         session = session_of(request)
         if not session:
             return
-        if unless_going and watching.live.get(session):
-            try:
-                shown = access.run(ctx, watching.live[session])
-                if any(s.run.path == shown.path for s in ctx.jobs.runs_in(ctx.workspace)):
-                    return  # it says when the new run starts; *Show the run going now* follows it
-            except LoraLabError:
-                pass
+        if unless_going and watching.live.get(session) and going(watching.live[session]):
+            watching.next[session] = name  # shown once the one in view has ended; *Show the run going now* at once
+            return
         watching.live[session] = name
+        watching.next.pop(session, None)
+
+    def going(name: str) -> bool:
+        try:
+            run = access.run(ctx, name)
+        except LoraLabError:
+            return False
+        return any(s.run.path == run.path for s in ctx.jobs.runs_in(ctx.workspace))
 
     def on_follow(request: gr.Request):
         mine = ctx.my_slot()
@@ -211,9 +216,9 @@ def build(ctx, data):
         history_msg = gr.Markdown(elem_id="history-message")
         with gr.Row():
             h_config = gr.Code(label="config.yaml", language="yaml")
-            h_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", height=260)
+            h_plot = gr.LinePlot(x="step", y="loss", color="series", color_map=LOSS_COLORS, title="Loss", height=260)
         with gr.Row():
-            h_samples = gr.Gallery(label="Samples", columns=4, height=200)
+            h_samples = gr.Gallery(label="Samples", columns=4, fit_columns=False, height=200)
             h_file = gr.File(label="LoRA file", elem_id="history-lora")
 
     def refresh():
@@ -228,6 +233,8 @@ def build(ctx, data):
         stays in view after it ends); a finished run shown only because it is the newest is not, and
         the next run that starts takes its place."""
         name = watching.live.get(session) if session else None
+        if name and watching.next.get(session) and not going(name):  # started here while this one went on
+            name = watching.live[session] = watching.next.pop(session)
         if name:
             try:
                 return access.run(ctx, name)
