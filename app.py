@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     from ui.context import AppContext
     from ui.guard import Guard
     from ui.page_fix import PageFix
-    from ui.shell import CSS, build_app
+    from ui.shell import CSS, HEAD, build_app
 
     in_space = a.space or space.detected()
     if in_space:
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     # The workspace is served so that files shown in the page load from where they are; Guard lets each
     # caller fetch from their own workspace only.
     app.launch(server_name=a.host, server_port=a.port, share=a.share, auth=auth, inbrowser=not a.no_browser,
-               theme=gr.themes.Soft(), css=CSS, show_error=False, allowed_paths=[str(ctx.root)],
+               theme=gr.themes.Soft(), css=CSS, head=HEAD, show_error=False, allowed_paths=[str(ctx.root)],
                blocked_paths=[str(ctx.root / ".visitor-secret")],
                max_file_size=space.MAX_UPLOAD if in_space else None,
                app_kwargs={"middleware": [Middleware(Guard, ctx=ctx), Middleware(PageFix)]})

@@ -195,8 +195,14 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     labels = [page.locator("#test-gallery .caption-label").nth(i).bounding_box() for i in range(2)]
     assert all(b["y"] + b["height"] <= frame["y"] + frame["height"] for b in labels), (frame, labels)
     wait_for(lambda: "6 images" in page.inner_text("#test-session"), 120, what="both comparisons kept for the export")
+    # The set lives in the page: leaving it before the export makes the browser ask first, after it not (what
+    # the page's beforeunload handler asks; a real beforeunload event would also end Gradio's connection).
+    leaving = "() => window.loraLabUnsaved()"
+    assert page.evaluate(leaving)
     page.click("#test-export")
     wait_for(lambda: "Exported" in page.inner_text("#test-message"), 120, what="export")
+    wait_for(lambda: "All exported" in page.inner_text("#test-session"), 120, what="the set marked exported")
+    assert not page.evaluate(leaving)
     page.screenshot(path=str(SHOTS / "test.png"), full_page=True)
     zips = list((server.workspace / "exports").glob("*.zip"))
     assert len(zips) == 1

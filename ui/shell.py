@@ -12,6 +12,22 @@ footer { display: none !important; }
 """
 
 
+# The Test tab's set of images lives in the page (Gradio state): leaving or reloading the page with images not yet
+# exported would drop them, so the browser asks first (its own "Leave site?" prompt).
+HEAD = """<script>
+window.loraLabUnsaved = () => {
+  const set = document.querySelector("#test-session");
+  return Boolean(set && set.innerText.startsWith("This set:") && !set.innerText.includes("exported"));
+};
+window.addEventListener("beforeunload", (e) => {
+  if (window.loraLabUnsaved()) {
+    e.preventDefault();
+    e.returnValue = "";
+  }
+});
+</script>"""
+
+
 def build_app(ctx) -> gr.Blocks:
     # On a Space, files visitors upload or are sent go after two hours (Gradio's cache), so they can't fill the disk.
     with gr.Blocks(title="LoRA Lab", delete_cache=(3600, 7200) if ctx.space else None) as app:

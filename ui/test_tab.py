@@ -292,8 +292,15 @@ def build(ctx):
         out, count = export_session(ctx, kept, access.lora(ctx, l0) if l0 else None, s0)
         return f"Exported {out.name}: {count} images.", str(out)
 
+    def mark_exported(kept, said):
+        """The set line says it is exported (until the next images): the page then leaves without asking."""
+        if not (kept and isinstance(said, str) and said.startswith("Exported")):
+            return gr.skip()
+        return session_text(kept) + f" All exported ({said.split()[1].rstrip(':')})."
+
     export_btn.click(on_export, [session, prompts, lora_boxes[0], strength_boxes[0], seed, steps, guidance, base,
-                                 negative, width, height, scheduler], [message, export_file])
+                                 negative, width, height, scheduler], [message, export_file]).then(
+        mark_exported, [session, message], session_info, api_visibility="private")
 
     @guarded(1 + SLOTS + 1)
     def on_upload(f):
