@@ -249,3 +249,31 @@ def test_pages_of_other_sites_cannot_use_a_logged_in_users_cookie(lab):
     assert httpx.get(f"{url}gradio_api/file={own}", headers=same).status_code == 200
     assert httpx.get(url, headers={"Cookie": cookie, "Sec-Fetch-Site": "cross-site",
                                    "Sec-Fetch-Mode": "navigate"}).status_code == 200  # a link from elsewhere
+
+
+def test_a_shared_class_dataset_is_copied_into_the_callers_workspace_to_edit(lab):
+    """The shared folder is read-only; *Copy into my workspace* gives Alice her own copy, without what links in
+    the shared folder name (here Bob's files)."""
+    alice, shared, server = lab["alice"], lab["shared"], lab["server"]
+    message, *_ = alice.predict(str(shared), "train", "image", "text", api_name="/on_load")
+    message, *_ = alice.predict("mine, ", "", "", "", "", api_name="/on_apply")
+    assert "shared folder" in message and "Copy into my workspace" in message, message
+    bobs = sorted((lab["bob_ws"] / "datasets" / "mine").iterdir())
+    links = [shared / f"zz{p.suffix}" for p in bobs[:2]]
+    for link, target in zip(links, bobs[:2]):
+        link.symlink_to(target)
+    try:
+        message, source, counts, *_ = alice.predict(str(shared), api_name="/on_copy")
+    finally:
+        for link in links:
+            link.unlink()
+    copy = Path(source)
+    assert copy.parent == server.workspace / "users" / "alice" / "datasets" and "Copied" in message, message
+    assert "4 images" in counts and sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in shared.iterdir())
+    assert SECRET not in "".join(t.read_text() for t in copy.glob("*.txt"))
+    message, *_ = alice.predict("mine, ", "", "", "", "", api_name="/on_apply")  # the copy is the loaded dataset
+    assert message.startswith("Changed 4 of 4"), message
+    assert all(t.read_text().startswith("mine, ") for t in copy.glob("*.txt"))
+    message, *_ = alice.predict(str(copy), api_name="/on_copy")
+    assert "in your workspace already" in message
+    unchanged(lab)

@@ -197,3 +197,11 @@ def test_hub_dataset_offline_says_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LoraLabError, match="No folder 'someone/no-such-dataset'.*offline.*save_to_disk"):
         load_dataset_source("someone/no-such-dataset")
+
+
+def test_bulk_edit_puts_one_comma_between_a_typed_prefix_or_suffix_and_the_caption():
+    from trainer.data.summary import bulk_edit
+
+    assert bulk_edit("lablora, a circle", "mine, ") == "mine, lablora, a circle"  # was "mine,, lablora, …"
+    assert bulk_edit("a circle", "lablora,", ", flat") == "lablora, a circle, flat"
+    assert bulk_edit("lablora, a circle", "lablora, ") == "lablora, a circle"  # there already: not doubled

@@ -74,7 +74,7 @@ def write_path(ctx, path: Path) -> Path:
     if not shared(ctx):
         return p
     raise LoraLabError(f"{p.parent} is a shared folder: LoRA Lab only reads it.",
-                       "Copy the dataset into your workspace (Dataset tab: upload it, or ask for a copy) and edit it there.")
+                       "Copy it into your workspace (Dataset tab: *Copy into my workspace*) and edit the copy.")
 
 
 def run(ctx, name) -> RunDir:

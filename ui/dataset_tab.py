@@ -57,6 +57,7 @@ def build(ctx):
                             placeholder="/path/to/images  or  owner/dataset  or  datasets/demo")
         load_btn = gr.Button("Load", variant="primary", scale=1, elem_id="dataset-load")
         demo_btn = gr.Button("Make demo dataset", scale=1, elem_id="dataset-demo")
+        copy_btn = gr.Button("Copy into my workspace", scale=1, elem_id="dataset-copy")
     with gr.Accordion("Hugging Face dataset columns", open=False):
         with gr.Row():
             split = gr.Dropdown(["train"], value="train", label="Split", allow_custom_value=True)
@@ -113,11 +114,14 @@ def build(ctx):
     @guarded(9)
     def on_upload(files, name):
         # Saves and loads in one step: a refused upload shows its reason and leaves the loaded dataset as it was.
+        dest = save_uploads(ctx, files, name)
+        return loaded(dest, f"Saved the upload as `datasets/{dest.name}`.")
+
+    def loaded(dest, note):
+        """The dataset just written into the workspace, loaded (its outputs as on_upload's)."""
         from trainer.data.sources import load_dataset_source
         from trainer.data.summary import summarize
 
-        dest = save_uploads(ctx, files, name)
-        note = f"Saved the upload as `datasets/{dest.name}`."
         try:
             ds = load_dataset_source(str(dest))
         except LoraLabError as e:
@@ -127,6 +131,26 @@ def build(ctx):
                 s["problems"] or [["—", "no problems found"]], ds, 1)
 
     upload_btn.click(on_upload, [upload, upload_name], [message, source, *outs[1:], page])
+
+    @guarded(9)
+    def on_copy(src):
+        """The folder typed above (a shared class dataset, read-only here) copied into the caller's workspace."""
+        from pathlib import Path
+
+        from .uploads import copy_dataset
+
+        if not (src or "").strip():
+            raise LoraLabError("No dataset given.", "Type the folder to copy above (the one your teacher named).")
+        folder = Path(access.dataset_source(ctx, src))
+        if not folder.is_dir():
+            raise LoraLabError(f"Only a folder of images can be copied ({src.strip()[:80]} is not one here).",
+                               "Give the folder your images are in.")
+        if folder.resolve().is_relative_to(ctx.workspace.resolve() / "datasets"):
+            raise LoraLabError("This dataset is in your workspace already.", "Load it and edit its captions as it is.")
+        dest = copy_dataset(ctx, folder)
+        return loaded(dest, f"Copied into your workspace as `datasets/{dest.name}`: its captions are yours to edit.")
+
+    copy_btn.click(on_copy, source, [message, source, *outs[1:], page])
 
     def turn(ds, p, delta):
         if ds is None:

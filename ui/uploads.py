@@ -94,6 +94,29 @@ def save_uploads(ctx, files: list, name: str) -> Path:
         return _write(entries, targets, datasets, _dataset_name(name))
 
 
+def copy_dataset(ctx, folder: Path) -> Path:
+    """A dataset folder the caller may read (a shared class folder) copied into their workspace's datasets, to
+    edit there; returns the copy. Its images and captions only, folders (kohya `N_name`) kept, names cleaned as
+    an upload's; links are not followed (one could name a file outside what the caller may read)."""
+    root = Path(folder).resolve()
+    entries: list[_Entry] = []
+    for top, dirs, names in os.walk(root):  # os.walk does not enter linked folders
+        rel = Path(top).relative_to(root).parts
+        dirs[:] = [d for d in sorted(dirs) if not d.startswith(".")] if len(rel) < MAX_DEPTH else []
+        for n in sorted(names):
+            p = Path(top) / n
+            if p.suffix.lower() in KEPT and not p.is_symlink() and p.is_file():
+                entries.append(_Entry(LOOSE, rel, p.stem, p.suffix, p.stat().st_size, p))
+    if not any(e.ext.lower() in IMAGE_EXTS for e in entries):
+        raise LoraLabError(f"{_show(root.name)} holds no image files to copy.",
+                           "Copy a folder of images; a Hugging Face dataset's captions are kept in your workspace "
+                           "already, so it needs no copy.")
+    datasets = ctx.workspace / "datasets"
+    with _lock_for(datasets):
+        _check_totals(ctx, entries)
+        return _write(entries, _plan_names(entries), datasets, _dataset_name(root.name))
+
+
 def _zip_entries(src: Path, index: int, others: list[str]) -> list[_Entry]:
     """The images and captions of one zip, after checking every entry; nothing is extracted here."""
     label = _show(src.name)

@@ -98,8 +98,9 @@ def bulk_edit(caption: str, prefix: str = "", suffix: str = "", find: str = "", 
     out = ", ".join(t for t in tags if t)
     if find:
         out = out.replace(find, replace)
-    if prefix.strip() and not out.startswith(prefix.strip()):
-        out = f"{prefix.strip()}, {out}" if out else prefix.strip()
-    if suffix.strip() and not out.endswith(suffix.strip()):
-        out = f"{out}, {suffix.strip()}" if out else suffix.strip()
+    prefix, suffix = prefix.strip(" ,"), suffix.strip(" ,")  # "lablora, " is typed often: one comma between
+    if prefix and not out.startswith(prefix):
+        out = f"{prefix}, {out}" if out else prefix
+    if suffix and not out.endswith(suffix):
+        out = f"{out}, {suffix}" if out else suffix
     return out
