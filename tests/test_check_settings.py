@@ -50,6 +50,7 @@ def test_check_settings_says_what_sample_images_cost_and_warns_when_a_cpu_would_
     assert not any("round of samples" in w for w in on_gpu["warnings"])
     demo = resolve("cpu-demo", extra={"dataset": {"source": str(demo_dir)}})
     assert not any("round of samples" in w for w in plan(demo, None, on_cpu=True)["warnings"])
+    assert "under a minute on this CPU" in describe(plan(demo, None, on_cpu=True), None)  # not "about 0 min"
     heavy = resolve("cpu-demo", extra={"train": {"steps": 10}, "sample": {"every_n_steps": 1, "steps": 50}})
     assert any("as long as the training itself" in w for w in plan(heavy, None, on_cpu=True)["warnings"])
 

@@ -25,6 +25,8 @@ def test_demo_train_and_sample_from_the_command_line(tmp_path):
     lora = tmp_path / "ws" / "runs" / "cli-run" / "cli-run.safetensors"
     assert f"done: {lora}" in r.stdout and lora.exists()
     assert "6/6" in r.stderr  # the terminal progress bar reached the end
+    # what a user reads: LoRA Lab's lines, not the libraries' loading bars and notes
+    assert "Loading pipeline components" not in r.stderr and "requires torchvision" not in r.stderr
     out = tmp_path / "samples"
     r = cli("sample", "--base", tmp_path / "model", "--lora", f"{lora}:1.0", "--prompt", "lablora, a red circle",
             "--seed", "3", "--steps", "3", "--out", out / "with")

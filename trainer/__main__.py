@@ -19,8 +19,8 @@ def _progress():
 
     def on_event(e):
         if e.kind == "step":
-            if bar["bar"] is None:
-                bar["bar"] = tqdm(total=e.data["total"], initial=e.data["step"] - 1, unit="step", dynamic_ncols=True)
+            if bar["bar"] is None:  # at the first step's end: its speed is known from the second on
+                bar["bar"] = tqdm(total=e.data["total"], initial=e.data["step"], unit="step", dynamic_ncols=True)
             b = bar["bar"]
             b.update(e.data["step"] - b.n)
             b.set_postfix(loss=f"{e.data['loss']:.4f}", lr=f"{e.data['lr']:.2e}")
@@ -34,10 +34,24 @@ def _progress():
     return on_event
 
 
+def _quiet() -> None:
+    """The libraries' own bars for loading a model from disk, and their note that an optional image package is
+    missing, say nothing a user can act on; downloads keep their progress bars (huggingface_hub's own)."""
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requires torchvision" not in r.getMessage())
+
+
 def cmd_train(a) -> int:
     from .config import resolve
     from .loop import run_job
 
+    _quiet()
     cfg = resolve(a.preset, Path(a.config) if a.config else None, a.set, own_presets=Path(a.workspace) / "presets")
     run = run_job(cfg, Path(a.workspace), _progress())
     return _report(run)
@@ -48,6 +62,7 @@ def cmd_resume(a) -> int:
     from .loop import run_job
     from .runs import open_run
 
+    _quiet()
     run = open_run(Path(a.run_dir))
     cfg = load(run.config_path)
     if a.device:
@@ -79,6 +94,7 @@ def cmd_sample(a) -> int:
     from .models.load import load_base
     from .sampling import for_generation, generate
 
+    _quiet()
     loras = []
     for spec in a.lora or []:
         path, _, strength = spec.rpartition(":") if spec.count(":") and spec.rsplit(":", 1)[1].replace(".", "", 1).lstrip("-").isdigit() else (spec, "", "1")

@@ -235,7 +235,9 @@ def describe(p: dict, dataset_summary: dict | None) -> str:
     sp = p.get("sampling")
     if sp:
         when = f"{sp['rounds']} times" if sp["rounds"] > 1 else "once, at the end"
-        took = f", about {sp['round_minutes_cpu']:g} min on this CPU" if "round_minutes_cpu" in sp else ""
+        minutes = sp.get("round_minutes_cpu")
+        took = "" if minutes is None else (f", about {minutes:g} min on this CPU" if minutes >= 1 else
+                                           ", under a minute on this CPU")
         many = "image" if sp["images"] == 1 else "images"
         lines.append(f"Samples: {sp['images']} {many} × {sp['steps']} steps at {sp['size']}, {when}; each round "
                      f"takes about as long as {sp['round_in_steps']} training steps{took}.")
