@@ -87,7 +87,7 @@ def test_3_run_names_reach_only_the_callers_own_runs(lab):
     for value in ["bob-run", "../../bob/runs/bob-run", "../users/bob/runs/bob-run", str(lab["bob_ws"] / "runs" / "bob-run")]:
         info, config, plot, samples, file = alice.predict(value, api_name="/open_run")
         assert "of yours" in info and not config and not isinstance(file, str)
-        assert "of yours" in alice.predict(value, api_name="/on_resume")
+        assert "of yours" in alice.predict(value, api_name="/on_resume")[1]
         assert "of yours" in alice.predict(value, api_name="/on_cancel")
         for api in ("/watch", "/queue_position", "/cancel_run"):
             refused(alice, value, api_name=api, says="of yours")

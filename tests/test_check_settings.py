@@ -73,3 +73,13 @@ def test_an_adapter_start_that_the_algorithm_does_not_use_is_warned_about(demo_d
     for algorithm in ("loha", "lokr", "oft"):
         (line,) = said[algorithm]
         assert f"network.algorithm={algorithm}" in line and "not used" in line
+
+
+def test_check_settings_warns_when_a_real_models_preset_is_left_on_the_demo_model(demo_dir):
+    from trainer.config import resolve
+
+    lab = resolve("classroom-lab", extra={"dataset": {"source": str(demo_dir)}})  # its base: the demo model
+    assert lab.model.base.startswith("tiny-demo") and lab.dataset.resolution == 512
+    assert any("tiny demo model that draws 64×64" in w and "cpu-demo" in w for w in plan(lab, None)["warnings"])
+    demo = resolve("cpu-demo", extra={"dataset": {"source": str(demo_dir)}})
+    assert not any("tiny demo model" in w for w in plan(demo, None)["warnings"])

@@ -167,6 +167,8 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     wait_for(lambda: page.locator("#cfg-train-steps input[type=number]").input_value() == "150", 120,
              what="the running run's settings in the form after refresh")
     wait_for(lambda: progress(page)[0] == "completed", 180, what="completed run")
+    page.click("#history-resume")  # a finished run: said beside the button, not above the live panel
+    wait_for(lambda: "already completed" in page.inner_text("#history-message"), 120, what="resume refused")
     page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 151))

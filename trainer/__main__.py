@@ -44,7 +44,8 @@ def _quiet() -> None:
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requires torchvision" not in r.getMessage())
+    notes = logging.getLogger("transformers.utils.import_utils")
+    notes.addFilter(lambda r: "requires torchvision" not in r.getMessage())
 
 
 def cmd_train(a) -> int:

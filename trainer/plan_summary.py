@@ -74,6 +74,16 @@ def oft_warnings(cfg, family: str) -> list[str]:
             "input, which no compact layout that ComfyUI or AUTOMATIC1111 read can express."]
 
 
+def demo_model_warnings(cfg) -> list[str]:
+    """The tiny demo models learn and draw at 64 px, in a minute; settings made for a real model (a class
+    preset left on the demo model) train slowly and show little."""
+    if not cfg.model.base.startswith("tiny-demo") or cfg.dataset.resolution <= 128:
+        return []
+    return [f"{cfg.model.base} is a tiny demo model that draws 64×64 pictures: at resolution {cfg.dataset.resolution} "
+            "it trains slowly and shows little. Pick the base model you mean to train, or the cpu-demo preset for "
+            "the demo model's own settings (64 px, learning rate 3e-3)."]
+
+
 def family_guess(base: str) -> str:
     b = base.lower()
     if b.startswith(("tiny-demo", "tiny-random")):
@@ -183,6 +193,7 @@ def plan(cfg, dataset_summary: dict | None, on_cpu: bool | None = None, card: fl
         if dataset_summary["missing_captions"]:
             warnings.append(f"{dataset_summary['missing_captions']} images have no caption.")
     warnings += interval_warnings(cfg)
+    warnings += demo_model_warnings(cfg)
     family = family_guess(cfg.model.base)
     if on_cpu is None:
         on_cpu = _no_accelerator(cfg.train.device)

@@ -121,11 +121,14 @@ def build(ctx):
     def _loras(names, strengths) -> list[tuple[Path, float]]:
         return [(access.lora(ctx, n), float(s)) for n, s in zip(names, strengths) if n]
 
-    def model_for(spec, text, st, w, h):
+    def model_for(spec, text, st, w, h, counter=None):
         """The base model, once the request is checked: the model is one the caller may load, and the
         prompts and sizes are within what this server draws for one click."""
         access.generation(ctx, [t for t in (text or "").splitlines() if t.strip()], st, w, h)
-        return ctx.load_model(access.base_model(ctx, spec))
+        spec = access.base_model(ctx, spec)
+        if counter and spec not in ctx.models:  # seconds to minutes: the page says what it waits for
+            counter.progress(0, desc="loading the base model (once: it stays loaded for the next images)")
+        return ctx.load_model(spec)
 
     def prompts_for(text, first_lora) -> str:
         """The prompts typed, or else those of LoRA 1's run (its sample prompts, else its trigger word)."""
@@ -140,7 +143,7 @@ def build(ctx):
         return "\n".join(cfg.sample.prompts) or cfg.dataset.caption_prefix
 
     def gen(spec, text, neg, sd, st, g, w, h, sch, loras, counter=None):
-        model = model_for(spec, text, st, w, h)
+        model = model_for(spec, text, st, w, h, counter)
         return _generate(model, text.splitlines(), neg, sd, st, g, w, h, sch, loras, counter)
 
     def _generate_now(model, lines, neg, sd, st, g, w, h, sch, loras, counter=None):
@@ -244,9 +247,9 @@ def build(ctx):
         if run is None:
             raise LoraLabError("LoRA 1 is not from a run.", "Pick a LoRA made by a run to compare its checkpoints.")
         records, lines = [], [t for t in text.splitlines() if t.strip()]
-        model = model_for(spec, text, st, w, h)
         checkpoints = checkpoint_loras(run)
         counter = counter_for(progress, text, len(checkpoints))
+        model = model_for(spec, text, st, w, h, counter)
         for step, path in checkpoints:
             loras = [(path, float(ls[SLOTS]))]
             imgs = _generate(model, text.splitlines(), neg, sd, st, g, w, h, sch, loras, counter)

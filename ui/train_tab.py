@@ -328,11 +328,12 @@ def build(ctx, data):
             run = ctx.jobs.resume(run.path)
             watch(request, run.name)
             pos = ctx.jobs.position(run)
-            return f"Resumed **{run.name}**." + (f" It waits as number {pos} for a device." if pos else "")
-        except Exception as e:
-            return message(e)
+            said = f"Resumed **{run.name}**." + (f" It waits as number {pos} for a device." if pos else "")
+            return said, said + " The live panel above shows it."
+        except Exception as e:  # said beside the button, where the user looks
+            return gr.skip(), message(e)
 
-    resume_btn.click(on_resume, pick, message_box)
+    resume_btn.click(on_resume, pick, [message_box, history_msg])
 
     @guarded(1 + len(keys))
     def on_reuse(name):
