@@ -45,8 +45,10 @@ def test_check_settings_says_what_sample_images_cost_and_warns_when_a_cpu_would_
     text = describe(p, None)
     assert "Samples: 2 images × 20 steps at 512×512, 4 times" in text and "min on this CPU" in text
     assert any("each round of samples takes about" in w and "Stop works during sampling" in w for w in p["warnings"])
+    assert "Estimated GPU memory, were it trained on a GPU (this machine trains on its CPU)" in text
     on_gpu = plan(lab, None, on_cpu=False)
     assert "min on this CPU" not in describe(on_gpu, None)
+    assert "Estimated accelerator memory: about" in describe(on_gpu, None)
     assert not any("round of samples" in w for w in on_gpu["warnings"])
     demo = resolve("cpu-demo", extra={"dataset": {"source": str(demo_dir)}})
     assert not any("round of samples" in w for w in plan(demo, None, on_cpu=True)["warnings"])

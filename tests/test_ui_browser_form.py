@@ -59,6 +59,9 @@ def test_form_problems_show_in_place_and_settings_can_be_kept_and_reused(server,
     assert "Checkpoints every 500 steps, but the run has 60" in summary
     assert "Samples every 100 steps, but the run has 60" in summary
     page.screenshot(path=str(SHOTS / "train-check-settings.png"), full_page=True)
+    set_number(page, "cfg-train-steps", 61)  # the summary says it describes the settings as they were
+    wait_for(lambda: "Settings changed since this check" in page.inner_text("#train-summary"), 120,
+             what="the summary marked out of date")
 
     # A preset of one's own: saved into the workspace, then offered under Preset.
     page.get_by_text("Save these settings as a preset of your own").click()

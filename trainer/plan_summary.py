@@ -213,6 +213,7 @@ def plan(cfg, dataset_summary: dict | None, on_cpu: bool | None = None, card: fl
         "memory_gb": estimate_memory_gb(cfg, family),
         "memory_phases": phases(cfg, family),
         "card_gb": card,
+        "on_cpu": on_cpu,
         "warnings": warnings,
         "sampling": sp,
         "file_mb": file_mb(cfg, family),
@@ -240,7 +241,9 @@ def describe(p: dict, dataset_summary: dict | None) -> str:
     else:
         lines.append(f"**{p['steps']} steps.** Load a dataset to see epochs.")
     by_phase = ", ".join(f"{k} {v:.1f}" for k, v in (p.get("memory_phases") or {}).items())
-    lines.append(f"Estimated accelerator memory: about {p['memory_gb']} GB" + (f" (GB by phase: {by_phase})" if by_phase else "")
+    what = ("Estimated GPU memory, were it trained on a GPU (this machine trains on its CPU)" if p.get("on_cpu")
+            else "Estimated accelerator memory")
+    lines.append(f"{what}: about {p['memory_gb']} GB" + (f" (GB by phase: {by_phase})" if by_phase else "")
                  + (f" of this card's {p['card_gb']:.1f} GB" if p.get("card_gb") else "") + "."
                  + (f" LoRA file: about {p['file_mb']:g} MB." if p.get("file_mb") else ""))
     sp = p.get("sampling")

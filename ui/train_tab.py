@@ -133,6 +133,10 @@ def build(ctx, data):
         return describe(plan(cfg, ds_summary), ds_summary)
 
     check_btn.click(on_check, [*fields, *ds_inputs], summary)
+    # A setting changed after the check: the summary says it no longer describes the form (in the page alone).
+    gr.on([f.change for f in fields], None, summary, summary,
+          js="(s) => s && !s.startsWith('*Settings changed') ? '*Settings changed since this check: Check settings "
+             "again.*\\n\\n' + s : s")
 
     @guarded(2)
     def on_start(request: gr.Request, *args):
