@@ -1,6 +1,7 @@
 """The app's streaming and stop paths through gradio_client, against the real running app."""
 import json
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -92,3 +93,20 @@ def test_a_second_start_waits_in_the_queue_and_can_be_cancelled(server, tmp_path
     assert update["state"] == "completed"
     with pytest.raises(Exception, match="Unknown config key 'train.stepz'"):
         client.predict("train: {stepz: 3}", api_name="/start_run")
+
+
+def test_a_run_opened_in_the_history_offers_each_of_its_lora_files(server, tmp_path):
+    """The final file and, when the run wrote them, its EMA average's (and its best step's)."""
+    from gradio_client import Client
+
+    data = make_demo_dataset(tmp_path / "ema", count=4, size=64)
+    client = Client(server.url, verbose=False)
+    cfg = yaml.safe_load(config(data, "with-ema", 4))
+    cfg["train"]["ema"] = True
+    name = client.predict(yaml.safe_dump(cfg), api_name="/start_run")
+    for update in client.submit(name, api_name="/watch"):
+        pass
+    assert update["state"] == "completed", update
+    info, config_text, plot, samples, files = client.predict(name, api_name="/open_run")
+    names = {Path(f).name for f in files}
+    assert names - {"with-ema-best.safetensors"} == {"with-ema.safetensors", "with-ema-ema.safetensors"}, names

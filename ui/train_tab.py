@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import gradio as gr
 
@@ -223,7 +224,7 @@ def build(ctx, data):
             h_plot = gr.LinePlot(x="step", y="loss", color="series", color_map=LOSS_COLORS, title="Loss", height=260)
         with gr.Row():
             h_samples = gr.Gallery(label="Samples", columns=4, fit_columns=False, height=200)
-            h_file = gr.File(label="LoRA file", elem_id="history-lora")
+            h_file = gr.File(label="LoRA files (final, best step, EMA)", file_count="multiple", elem_id="history-lora")
 
     def refresh():
         runs = [r.name for r in list_runs(ctx.workspace)]
@@ -255,7 +256,8 @@ def build(ctx, data):
         except LoraLabError as e:
             return (message(e) if name else ""), "", loss_frame([]), [], None
         st = run.status()
-        lora = run.path / st["lora"] if isinstance(st.get("lora"), str) else None
+        files = [run.path / Path(st[k]).name for k in ("lora", "best_lora", "ema_lora") if isinstance(st.get(k), str)]
+        files = [str(f) for f in files if f.is_file()]
         info = f"{STATE_ICON.get(st.get('state'), '')} — step {st.get('step', 0)}/{st.get('total_steps', '?')}"
         if st.get("error"):
             info += f" — {st['error']} {st.get('advice', '')}"
@@ -265,7 +267,7 @@ def build(ctx, data):
             kept = f", kept as {st['best_lora']}" if st.get("best_lora") else ""
             info += f" — lowest validation loss {st['best_val_loss']:.4f} at step {st['best_step']}{kept}"
         return (info, run.config_path.read_text(), loss_frame(run.metrics(), run.validation()), sample_items(run),
-                str(lora) if lora and lora.exists() else None)
+                files or None)
 
     def opened_update(session, last):
         """The opened history entry again when its run changed state or made samples (it may have been
