@@ -166,7 +166,11 @@ def test_full_workflow_in_a_browser(server, browser, tmp_path):
     wait_for(lambda: page.locator("#loss-plot path").count() > 0, 120, what="full loss history after refresh")
     wait_for(lambda: page.locator("#cfg-train-steps input[type=number]").input_value() == "150", 120,
              what="the running run's settings in the form after refresh")
-    wait_for(lambda: progress(page)[0] == "completed", 180, what="completed run")
+    source = page.locator("#dataset-source textarea, #dataset-source input")
+    wait_for(lambda: source.input_value() == str(data), 120, what="and its dataset, so Start needs no reload of it")
+    wait_for(lambda: progress(page)[0] == "completed", 600, what="completed run")
+    page.click("#history-pick input")
+    page.get_by_role("option", name="browser-run").click()
     page.click("#history-resume")  # a finished run: said beside the button, not above the live panel
     wait_for(lambda: "already completed" in page.inner_text("#history-message"), 120, what="resume refused")
     page.screenshot(path=str(SHOTS / "train.png"), full_page=True)

@@ -40,7 +40,7 @@ def test_form_problems_show_in_place_and_settings_can_be_kept_and_reused(server,
     # A number out of range: the message names the field and its range; the run table stays as it was.
     set_number(page, "cfg-train-steps", 0)
     page.click("#train-start")
-    wait_for(lambda: "train.steps: 0 is out of range" in page.inner_text("#train-message"), 120,
+    wait_for(lambda: "Steps (train.steps): 0 is out of range" in page.inner_text("#train-message"), 120,
              what=lambda: f"the field named, not {page.inner_text('#train-message')!r}")
     assert "1 to 10000000" in page.inner_text("#train-message")
     assert "Error" not in page.inner_text("#run-history") and "last-week" in page.inner_text("#run-history"), (

@@ -6,6 +6,7 @@ import dataclasses
 import gradio as gr
 
 from trainer.config import SECTIONS, Config, config_from_dict, field_specs
+from trainer.errors import LoraLabError
 
 # Shown up front; everything else sits in folded groups per section.
 COMMON = ["name", "model.base", "dataset.caption_prefix", "dataset.resolution", "network.algorithm",
@@ -27,7 +28,7 @@ def _num(v) -> str:
 
 def _component(key: str, f: dataclasses.Field, value, base_models: list[str]):
     meta = f.metadata
-    label = LABELS.get(key, key.split(".")[-1].replace("_", " ").capitalize())
+    label = label_of(key)
     common = dict(label=label, info=meta.get("hint"), elem_id="cfg-" + key.replace(".", "-").replace("_", "-"))
     if key == "model.base":
         return gr.Dropdown(base_models, value=value, allow_custom_value=True, **common)
@@ -87,6 +88,11 @@ def build_form(base_models: list[str], cfg: Config | None = None) -> dict:
     return comps
 
 
+def label_of(key: str) -> str:
+    """The label of a config key's box in the form."""
+    return LABELS.get(key, key.split(".")[-1].replace("_", " ").capitalize())
+
+
 def form_to_config(keys: list[str], values: list, dataset: dict) -> Config:
     """Form values (+ the Dataset tab's source and columns) → a validated Config."""
     data: dict = {"dataset": dict(dataset)}
@@ -98,7 +104,13 @@ def form_to_config(keys: list[str], values: list, dataset: dict) -> Config:
             continue
         sec, k = key.split(".")
         data.setdefault(sec, {})[k] = v
-    return config_from_dict(data)
+    try:
+        return config_from_dict(data)
+    except LoraLabError as e:  # "train.steps: 0 is out of range": the form names the field as its box does
+        key, _, rest = e.problem.partition(":")
+        if key not in keys or not rest:
+            raise
+        raise LoraLabError(f"{label_of(key)} ({key}):{rest}", e.fix) from None
 
 
 def config_to_values(cfg: Config, keys: list[str]) -> list:

@@ -202,13 +202,17 @@ def build(ctx, data):
     # shows — the one going, else the newest (which may have finished while the page reloaded).
     first = gr.Timer(0.5)
 
-    def show_running_settings():
+    def show_running_settings(source):
         mine = ctx.my_slot()
         cfg = mine.cfg if mine else newest_config(ctx.workspace)
         values = config_to_values(cfg, keys) if cfg else [gr.skip()] * len(keys)
-        return [*values, gr.update(choices=["(none)", *list_presets(own())]), gr.Timer(active=False)]
+        dataset = [gr.skip()] * len(ds_inputs)  # the run's dataset too, unless one is typed already
+        if cfg and cfg.dataset.source and not (source or "").strip():
+            d = cfg.dataset
+            dataset = [d.source, d.split, d.image_column, d.caption_column]
+        return [*values, gr.update(choices=["(none)", *list_presets(own())]), *dataset, gr.Timer(active=False)]
 
-    first.tick(show_running_settings, None, [*fields, preset, first], show_progress="hidden")
+    first.tick(show_running_settings, data["source"], [*fields, preset, *ds_inputs, first], show_progress="hidden")
 
     with gr.Accordion("Run history", open=True):
         with gr.Row():
