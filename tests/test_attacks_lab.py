@@ -3,6 +3,7 @@
 Each test is a numbered finding of issue 14, tried through the real server (gradio_client and plain
 HTTP on 127.0.0.1); each asserts the refusal and that nothing of Bob's changed or came back.
 """
+import os
 from pathlib import Path
 
 import pytest
@@ -262,10 +263,12 @@ def test_a_shared_class_dataset_is_copied_into_the_callers_workspace_to_edit(lab
     links = [shared / f"zz{p.suffix}" for p in bobs[:2]]
     for link, target in zip(links, bobs[:2]):
         link.symlink_to(target)
+    hard = shared / "zz-hard.txt"  # another name for a file that may be anyone's: not copied either
+    os.link(bobs[-1], hard)
     try:
         message, source, counts, *_ = alice.predict(str(shared), api_name="/on_copy")
     finally:
-        for link in links:
+        for link in [*links, hard]:
             link.unlink()
     copy = Path(source)
     assert copy.parent == server.workspace / "users" / "alice" / "datasets" and "Copied" in message, message
@@ -277,3 +280,25 @@ def test_a_shared_class_dataset_is_copied_into_the_callers_workspace_to_edit(lab
     message, *_ = alice.predict(str(copy), api_name="/on_copy")
     assert "in your workspace already" in message
     unchanged(lab)
+
+
+def test_a_file_swapped_for_a_link_while_a_folder_is_copied_is_refused(tmp_path):
+    """The copy opens each file again only if it is still the one its walk listed."""
+    from trainer.errors import LoraLabError
+    from ui.uploads import LOOSE, _Entry, _open_listed
+
+    listed, secret = tmp_path / "a.txt", tmp_path / "secret.txt"
+    listed.write_text("a caption")
+    secret.write_text("someone else's")
+    st = listed.stat()
+    entry = _Entry(LOOSE, (), "a", ".txt", st.st_size, listed, ident=(st.st_dev, st.st_ino))
+    with _open_listed(entry) as f:
+        assert f.read() == b"a caption"
+    listed.unlink()
+    listed.symlink_to(secret)
+    with pytest.raises(OSError):  # a link in its place is not followed
+        _open_listed(entry)
+    listed.unlink()
+    os.link(secret, listed)  # another file under its name
+    with pytest.raises(LoraLabError, match="changed while it was being copied"):
+        _open_listed(entry)

@@ -123,6 +123,19 @@ def test_8_an_adapter_file_over_the_cap_and_a_large_validation_folder_are_refuse
         with pytest.raises(LoraLabError, match=says):
             check_caps(None, config_from_dict({**base, **over}))
     check_caps(None, config_from_dict({**base, "network": {"rank": 32, "targets": "all"}}))  # 194 MB: allowed
+    # kohya repeat folders multiply the work as dataset.repeats would
+    (tmp_path / "kohya" / "3000000_cat").mkdir(parents=True)
+    (tmp_path / "kohya" / "3000000_cat" / "a.png").write_bytes(b"")
+    with pytest.raises(LoraLabError, match="at most 100 repeats .*3000000_cat"):
+        check_caps(None, config_from_dict({**base, "dataset": {"source": str(tmp_path / "kohya")}}))
+    # validation passes count the last step's measurement too: 8 images × 100 timesteps at steps 0, 30 and 40
+    eight = tmp_path / "eight"
+    eight.mkdir()
+    for i in range(8):
+        (eight / f"{i}.png").write_bytes(b"")
+    long = {**base, "train": {"steps": 40}, "validation": {"source": str(eight), "every_n_steps": 30, "timesteps": 100}}
+    with pytest.raises(LoraLabError, match=r"8 × 100 × 3"):
+        check_caps(None, config_from_dict(long))
 
 
 def test_an_export_zip_over_the_visitors_quota_is_not_kept(tmp_path, monkeypatch):

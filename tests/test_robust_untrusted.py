@@ -79,3 +79,7 @@ def test_devices_the_machine_lacks_are_refused_when_the_app_starts(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "--devices cuda:0,cuda:99: cuda:" in proc.stderr and "is not here: this machine has" in proc.stderr
     assert "Leave --devices out" in proc.stderr
+    from trainer.jobs import missing_devices
+
+    assert "named twice" in missing_devices(["cpu", "cpu"]) and "not a device name" in missing_devices(["foo"])
+    assert "not a device LoRA Lab trains on" in missing_devices(["xpu:7"]) and missing_devices(["cpu"]) is None

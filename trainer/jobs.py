@@ -67,19 +67,26 @@ def default_devices() -> list[str]:
 def missing_devices(devices: list[str]) -> str | None:
     """Why `devices` (the app's --devices) can't all be trained on here, or None: said when the app starts, not
     when a user's first run fails."""
-    cuda = [d for d in devices if d.startswith("cuda")]
-    if not cuda:
+    if len(set(devices)) < len(devices):
+        twice = next(d for d in devices if devices.count(d) > 1)
+        return f"{twice} is named twice (each device trains one run at a time)"
+    others = [d for d in devices if d not in ("cpu", "auto")]
+    if not others:
         return None
     import torch
 
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    for d in cuda:
+    for d in others:
         try:
-            index = torch.device(d).index or 0
+            dev = torch.device(d)
         except RuntimeError:
             return f"{d!r} is not a device name (use cuda:0, cuda:1, … or cpu)"
-        if index >= have:
+        if dev.type == "cuda" and (dev.index or 0) >= have:
             return f"{d} is not here: this machine has {have} CUDA GPU{'s' if have != 1 else ''} PyTorch can use"
+        if dev.type == "mps" and not (torch.backends.mps.is_available()):
+            return f"{d} is not here (no Apple GPU PyTorch can use)"
+        if dev.type not in ("cuda", "mps", "cpu"):
+            return f"{d} is not a device LoRA Lab trains on (use cuda:N, mps or cpu)"
     return None
 
 

@@ -12,6 +12,7 @@ is scored and the UI says so — no number is invented.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ COPY_SIMILARITY = 0.95
 NEEDS_MODEL = ("Scores need a CLIP model: set sample.score_model to a local CLIP folder (or a hub id such as "
                "openai/clip-vit-base-patch32 while online).")
 _LOADED: dict[str, "Scorer"] = {}  # the last one only: on a shared app each request may name another model
+_LOADING = threading.Lock()  # one load at a time, so two requests never hold two models
 
 
 @dataclass
@@ -47,23 +49,26 @@ def load_scorer(spec: str) -> "Scorer":
     spec = (spec or "").strip()
     if not spec:
         raise LoraLabError("No CLIP model set.", NEEDS_MODEL)
-    scorer = _LOADED.get(spec)
-    if scorer is None:
-        from transformers import CLIPModel, CLIPProcessor
+    with _LOADING:
+        return _LOADED.get(spec) or _load(spec)
 
-        local = Path(spec).expanduser()
-        source = str(local) if local.is_dir() else spec
-        try:
-            model = CLIPModel.from_pretrained(source, local_files_only=local.is_dir()).eval()
-            processor = CLIPProcessor.from_pretrained(source, local_files_only=local.is_dir())
-        except Exception as e:  # not there, offline, or not a CLIP model: all the user's to fix
-            raise LoraLabError(f"The CLIP model {spec!r} could not be loaded ({str(e).splitlines()[0][:160]}).",
-                               "Give a folder holding a CLIP model and its processor (config.json, the weights, "
-                               "tokenizer and preprocessor files), or a hub id while online.") from None
-        scorer = Scorer(model, processor)
-        _LOADED.clear()
-        _LOADED[spec] = scorer
-    return scorer
+
+def _load(spec: str) -> "Scorer":
+    """Load `spec` in place of the model kept (called holding _LOADING)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    _LOADED.clear()  # the old one goes first: never two in memory
+    local = Path(spec).expanduser()
+    source = str(local) if local.is_dir() else spec
+    try:
+        model = CLIPModel.from_pretrained(source, local_files_only=local.is_dir()).eval()
+        processor = CLIPProcessor.from_pretrained(source, local_files_only=local.is_dir())
+    except Exception as e:  # not there, offline, or not a CLIP model: all the user's to fix
+        raise LoraLabError(f"The CLIP model {spec!r} could not be loaded ({str(e).splitlines()[0][:160]}).",
+                           "Give a folder holding a CLIP model and its processor (config.json, the weights, "
+                           "tokenizer and preprocessor files), or a hub id while online.") from None
+    _LOADED[spec] = Scorer(model, processor)
+    return _LOADED[spec]
 
 
 @dataclass

@@ -146,8 +146,8 @@ def build(ctx):
         if not folder.is_dir():
             raise LoraLabError(f"Only a folder of images can be copied ({src.strip()[:80]} is not one here).",
                                "Give the folder your images are in.")
-        if folder.resolve().is_relative_to(ctx.workspace.resolve() / "datasets"):
-            raise LoraLabError("This dataset is in your workspace already.", "Load it and edit its captions as it is.")
+        if folder.resolve().is_relative_to(ctx.workspace.resolve()):  # copies of copies would only fill the disk
+            raise LoraLabError("This folder is in your workspace already.", "Load it and edit its captions as it is.")
         dest = copy_dataset(ctx, folder)
         return loaded(dest, f"Copied into your workspace as `datasets/{dest.name}`: its captions are yours to edit.")
 

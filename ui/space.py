@@ -72,6 +72,10 @@ def check_caps(ctx, cfg) -> None:
         refuse(f"adapter files of at most {MAX_LORA_MB} MB (this one: about {size:,.0f} MB)",
                "Lower network.rank, train fewer layers (network.targets), or use LoRA instead of OFT.")
     images = _images(d.source)
+    folders = _repeat_folders(d.source)  # kohya `N_name` folders: N repeats, whatever dataset.repeats says
+    if folders and max(folders.values()) > 100:
+        name = max(folders, key=folders.get)
+        refuse(f"at most 100 repeats (the folder {name[:40]} asks for {folders[name]:,})", "Rename it to 100_… or less.")
     if images > MAX_IMAGES:
         refuse(f"training on at most {MAX_IMAGES} images (the dataset has {images})", "Upload fewer images.")
     v = cfg.validation
@@ -80,11 +84,21 @@ def check_caps(ctx, cfg) -> None:
         if measured > MAX_IMAGES:
             refuse(f"validation on at most {MAX_IMAGES} images (validation.source has {measured})",
                    "Use a smaller validation folder, or leave validation.source empty.")
-        times = t.steps // every(v, cfg.save.every_n_steps, t.steps) + 1
+        interval = every(v, cfg.save.every_n_steps, t.steps)
+        times = t.steps // interval + 1 + (t.steps % interval != 0)  # step 0, each interval, and the last step
         if measured * v.timesteps * times > MAX_VALIDATION:
             refuse(f"at most {MAX_VALIDATION:,} validation passes in a run (images × timesteps × measurements; "
                    f"asked: {measured} × {v.timesteps} × {times})",
                    "Raise validation.every_n_steps, lower validation.timesteps, or turn validation off.")
+
+
+def _repeat_folders(source: str) -> dict[str, int]:
+    from trainer.data.sources import KOHYA_DIR
+
+    folder = Path(source)
+    if not folder.is_dir():
+        return {}
+    return {d.name: int(m.group(1)) for d in folder.iterdir() if d.is_dir() and (m := KOHYA_DIR.match(d.name))}
 
 
 def _images(source: str) -> int:

@@ -25,7 +25,8 @@ def export_session(ctx, kept: list[dict], lora: Path | None, strength) -> tuple[
     extra = [(p, n) for p, n in loras if p != lora]
     check_space_quota(ctx, sum(p.stat().st_size for p in [lora, *(p for p, _ in extra)] if p and p.exists()), 1,
                       "this export")
-    out = ctx.workspace / "exports" / f"lora-lab-{time.strftime('%Y%m%d-%H%M%S')}.zip"
+    # the time to the second, and a random part: two exports in one second (two tabs, a double click) keep both
+    out = ctx.workspace / "exports" / f"lora-lab-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}.zip"
     lines = list(dict.fromkeys(e["prompt"] for e in entries))
     last = entries[-1]
     settings = {"base_model": last["base_model"], "sampler": last["sampler"], "width": last["width"],

@@ -59,6 +59,7 @@ class _Entry:
     size: int
     path: Path                   # the loose file, or the zip holding it
     info: zipfile.ZipInfo | None = None
+    ident: tuple[int, int] | None = None  # a copied file's (device, inode) when it was listed
 
     @property
     def label(self) -> str:
@@ -97,23 +98,32 @@ def save_uploads(ctx, files: list, name: str) -> Path:
 def copy_dataset(ctx, folder: Path) -> Path:
     """A dataset folder the caller may read (a shared class folder) copied into their workspace's datasets, to
     edit there; returns the copy. Its images and captions only, folders (kohya `N_name`) kept, names cleaned as
-    an upload's; links are not followed (one could name a file outside what the caller may read)."""
+    an upload's. Links are not followed, and files with other names (hard links) are left out: either could name
+    a file outside what the caller may read. The walk holds each folder open (os.fwalk), and each file is opened
+    again only if it is still the one the walk saw (a folder or file swapped for a link meanwhile is refused)."""
     root = Path(folder).resolve()
     entries: list[_Entry] = []
-    for top, dirs, names in os.walk(root):  # os.walk does not enter linked folders
+    size = 0
+    for top, dirs, names, dir_fd in os.fwalk(root, follow_symlinks=False):
         rel = Path(top).relative_to(root).parts
         dirs[:] = [d for d in sorted(dirs) if not d.startswith(".")] if len(rel) < MAX_DEPTH else []
         for n in sorted(names):
-            p = Path(top) / n
-            if p.suffix.lower() in KEPT and not p.is_symlink() and p.is_file():
-                entries.append(_Entry(LOOSE, rel, p.stem, p.suffix, p.stat().st_size, p))
+            if Path(n).suffix.lower() not in KEPT:
+                continue
+            st = os.stat(n, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                entries.append(_Entry(LOOSE, rel, Path(n).stem, Path(n).suffix, st.st_size, Path(top) / n,
+                                      ident=(st.st_dev, st.st_ino)))
+                size += st.st_size
+        if len(entries) > MAX_UPLOAD_FILES or size > MAX_UPLOAD_BYTES:
+            break  # refused below: no need to walk the rest of a huge tree to say so
     if not any(e.ext.lower() in IMAGE_EXTS for e in entries):
         raise LoraLabError(f"{_show(root.name)} holds no image files to copy.",
                            "Copy a folder of images; a Hugging Face dataset's captions are kept in your workspace "
                            "already, so it needs no copy.")
     datasets = ctx.workspace / "datasets"
     with _lock_for(datasets):
-        _check_totals(ctx, entries)
+        _check_totals(ctx, entries, "copy")
         return _write(entries, _plan_names(entries), datasets, _dataset_name(root.name))
 
 
@@ -202,15 +212,19 @@ def _plan_names(entries: list[_Entry]) -> list[PurePosixPath]:
     return out
 
 
-def _check_totals(ctx, entries: list[_Entry]) -> None:
+def _check_totals(ctx, entries: list[_Entry], kind: str = "upload") -> None:
     n, size = len(entries), sum(e.size for e in entries)
+    if kind == "copy" and (n > MAX_UPLOAD_FILES or size > MAX_UPLOAD_BYTES):
+        raise LoraLabError(f"The folder holds more than {MAX_UPLOAD_FILES:,} images and captions or "
+                           f"{_mb(MAX_UPLOAD_BYTES)}: too much to copy at once.",
+                           "Copy a smaller folder (one of its sub-folders), or ask for a smaller set.")
     if n > MAX_UPLOAD_FILES:
         raise LoraLabError(f"The upload holds {n:,} images and captions; at most {MAX_UPLOAD_FILES:,} are taken "
                            "at once.", "Upload fewer files, or split the set into several datasets.")
     if size > MAX_UPLOAD_BYTES:
         raise LoraLabError(f"The upload unpacks to {_mb(size)}; at most {_mb(MAX_UPLOAD_BYTES)} are taken at once.",
                            "Upload a smaller set, or split it into several datasets.")
-    check_space_quota(ctx, size, n)
+    check_space_quota(ctx, size, n, f"this {kind}")
 
 
 def check_space_quota(ctx, size: int, n: int, what: str = "this upload") -> None:
@@ -228,9 +242,9 @@ def check_space_quota(ctx, size: int, n: int, what: str = "this upload") -> None
         raise LoraLabError(
             f"This demo keeps at most {_mb(max_bytes)} and {max_files:,} files of uploads per visitor: yours hold "
             f"{_mb(used)} in {used_n:,} files, and {what} adds {_mb(size)} in {n:,}.",
-            ("Upload fewer or smaller files, or delete a dataset you no longer need" if what == "this upload" else
-             "Start a new set and export fewer images, or delete a dataset you no longer need")
-            + "; for larger sets run LoRA Lab on your own machine.")
+            {"this export": "Start a new set and export fewer images", "this copy": "Copy a smaller folder"}.get(
+                what, "Upload fewer or smaller files") + ", or delete a dataset you no longer need; for larger sets "
+            "run LoRA Lab on your own machine.")
 
 
 def _write(entries: list[_Entry], targets: list[PurePosixPath], datasets: Path, name: str) -> Path:
@@ -250,7 +264,7 @@ def _write(entries: list[_Entry], targets: list[PurePosixPath], datasets: Path, 
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if e.info is not None and e.path not in zips:
                     zips[e.path] = stack.enter_context(zipfile.ZipFile(e.path))
-                with (open(e.path, "rb") if e.info is None else zips[e.path].open(e.info)) as fin, \
+                with (_open_listed(e) if e.info is None else zips[e.path].open(e.info)) as fin, \
                         open(target, "xb") as fout:
                     _copy(fin, fout, e.size)
         dest = next(datasets / n for n in _variants(name) if not (datasets / n).exists())
@@ -271,6 +285,18 @@ def _write(entries: list[_Entry], targets: list[PurePosixPath], datasets: Path, 
             raise LoraLabError(f"Could not save {where} ({err.strerror or type(err).__name__}); nothing was saved.",
                                "Upload it again.") from err
         raise
+
+
+def _open_listed(e: _Entry):
+    """A loose file; a copied one only if it is still the file that was listed (not a link put in its place)."""
+    if e.ident is None:
+        return open(e.path, "rb")
+    fd = os.open(e.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != e.ident or not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise LoraLabError(f"{e.label} changed while it was being copied; nothing was saved.", "Copy it again.")
+    return os.fdopen(fd, "rb")
 
 
 def _copy(fin, fout, limit: int) -> None:
