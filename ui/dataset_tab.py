@@ -24,8 +24,8 @@ def load_dataset(ctx, source: str, split: str, image_col: str, caption_col: str)
 def counts_markdown(s: dict) -> str:
     return (f"**{s['images']} images** ({s['layout']}) · {s['captioned']} captioned · "
             f"{s['missing_captions']} missing captions · {s['repeats']} per epoch with repeats · "
-            f"{len(s['problems'])} problems · {max(1, -(-s['images'] // PAGE))} "
-            f"page{'s' if s['images'] > PAGE else ''} of {PAGE} below")
+            f"{len(s['problems'])} problems · shown below {PAGE} to a page, "
+            f"{max(1, -(-s['images'] // PAGE))} page{'s' if s['images'] > PAGE else ''}")
 
 
 def gallery_page(ds, page: int):
